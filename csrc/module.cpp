@@ -1,0 +1,13 @@
+// Entry point of cbramod_fast._ext: each concern registers its own functions.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace cbf {
+void register_patchify(py::module_& m);
+}  // namespace cbf
+
+PYBIND11_MODULE(_ext, m) {
+  m.doc() = "cbramod_fast native signal kernels (filtering, resampling, patching); GIL released";
+  cbf::register_patchify(m);
+}
