@@ -29,12 +29,14 @@ def criss_cross_attention(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int, 
     """Spatial (across C) and temporal (across N) multi-head attention, concatenated."""
     p = dropout_p if training else 0.0
     b, c, n, _ = qkv_s.shape
-    # Spatial: sequence axis C -> (B, N, H, C, E).
-    qs, ks, vs = (t.permute(0, 2, 3, 1, 4) for t in _split_heads(qkv_s, heads))
-    os_ = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p)  # (B, N, H, C, E)
-    # Temporal: sequence axis N -> (B, C, H, N, E).
-    qt, kt, vt = (t.permute(0, 1, 3, 2, 4) for t in _split_heads(qkv_t, heads))
-    ot = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=p)  # (B, C, H, N, E)
+    # Attention inputs are kept 4-D: Inductor (torch 2.13) miscompiles 5-D batched matmul/SDPA on
+    # permuted views (wrong values, or a crash), see tests/test_model.py::test_torch_compile*.
+    # Spatial: sequence axis C -> (B*N, H, C, E).
+    qs, ks, vs = (t.permute(0, 2, 3, 1, 4).reshape(b * n, heads, c, -1) for t in _split_heads(qkv_s, heads))
+    os_ = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p).view(b, n, heads, c, -1)
+    # Temporal: sequence axis N -> (B*C, H, N, E).
+    qt, kt, vt = (t.permute(0, 1, 3, 2, 4).reshape(b * c, heads, n, -1) for t in _split_heads(qkv_t, heads))
+    ot = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=p).view(b, c, heads, n, -1)
     return torch.cat((os_.permute(0, 3, 1, 2, 4).flatten(-2), ot.permute(0, 1, 3, 2, 4).flatten(-2)), dim=-1)
 
 
@@ -44,8 +46,9 @@ def criss_cross_attention_naive(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads:
         s = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
         return (s.softmax(-1) @ v.float()).to(q.dtype)
 
-    qs, ks, vs = (t.permute(0, 2, 3, 1, 4) for t in _split_heads(qkv_s, heads))
-    qt, kt, vt = (t.permute(0, 1, 3, 2, 4) for t in _split_heads(qkv_t, heads))
-    os_ = attend(qs, ks, vs).permute(0, 3, 1, 2, 4).flatten(-2)
-    ot = attend(qt, kt, vt).permute(0, 1, 3, 2, 4).flatten(-2)
+    b, c, n, _ = qkv_s.shape
+    qs, ks, vs = (t.permute(0, 2, 3, 1, 4).reshape(b * n, heads, c, -1) for t in _split_heads(qkv_s, heads))
+    qt, kt, vt = (t.permute(0, 1, 3, 2, 4).reshape(b * c, heads, n, -1) for t in _split_heads(qkv_t, heads))
+    os_ = attend(qs, ks, vs).view(b, n, heads, c, -1).permute(0, 3, 1, 2, 4).flatten(-2)
+    ot = attend(qt, kt, vt).view(b, c, heads, n, -1).permute(0, 1, 3, 2, 4).flatten(-2)
     return torch.cat((os_, ot), dim=-1)

@@ -1,0 +1,8 @@
+from __future__ import annotations
+
+from .cbramod import CBraMod
+from .checkpoint import LoadReport, read_state_dict
+from .config import PRESETS, CBraModConfig
+from .reference import ReferenceCBraMod
+
+__all__ = ["CBraMod", "CBraModConfig", "LoadReport", "PRESETS", "ReferenceCBraMod", "read_state_dict"]
