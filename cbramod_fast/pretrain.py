@@ -87,8 +87,8 @@ class PretrainConfig:
 
 
 # The short CPU demo the README's main command runs (applied when --data is not given; explicit flags win).
-DEMO_OVERRIDES = {"preset": "small", "steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30,
-                  "ckpt_every": 100, "log_every": 5, "workers": 0}
+DEMO_OVERRIDES = {"preset": "small", "steps": 500, "batch_size": 32, "lr": 1e-3, "warmup_steps": 25,
+                  "ckpt_every": 100, "log_every": 10, "workers": 0}
 
 
 # -- in-memory loader ------------------------------------------------------------------------------------
@@ -265,7 +265,8 @@ def plot_reconstruction(model: torch.nn.Module, x: torch.Tensor, present: torch.
 
     was_training = model.training
     model.eval()
-    x, present = x[:1].float(), present[:1]
+    i = int(present.sum(dim=1).argmax())  # the window with the most leads: whole-lead masks show best
+    x, present = x[i:i + 1].float(), present[i:i + 1]
     _, c, n, p = x.shape
     g = torch.Generator(device=x.device).manual_seed(1234)  # own generator: training RNG untouched
     mask = dual_mask(1, c, n, cfg.patch_ratio, cfg.lead_ratio, generator=g, present=present,
@@ -278,7 +279,9 @@ def plot_reconstruction(model: torch.nn.Module, x: torch.Tensor, present: torch.
     t = np.arange(n * p) / p
     for ax, ci in zip(axes[:, 0], show):
         ax.plot(t, x[0, ci].reshape(-1).cpu(), color="k", lw=0.8, label="signal")
-        ax.plot(t, pred[0, ci].reshape(-1).cpu(), color="tab:red", lw=0.8, alpha=0.8, label="reconstruction")
+        # Only masked patches are reconstruction targets; the rest of the output is not trained.
+        rec = pred[0, ci].cpu().masked_fill(~mask[0, ci, :, None].cpu(), float("nan")).reshape(-1)
+        ax.plot(t, rec, color="tab:red", lw=0.8, alpha=0.9, label="reconstruction (masked patches)")
         for k in range(n):
             if mask[0, ci, k]:
                 ax.axvspan(k, k + 1, color="tab:orange", alpha=0.15, lw=0)

@@ -46,46 +46,61 @@ def read_wfdb_windows(records: list[str | Path], leads: tuple[str, ...] = STANDA
     lead or ``|x| > max_abs`` (after scaling) are dropped.
     """
     import wfdb
-    from scipy.signal import butter, resample_poly, sosfiltfilt
 
-    xs, pres, names, starts = [], [], [], []
+    parts = []
     for rec in records:
-        rec = str(rec)
-        r = wfdb.rdrecord(rec)
-        sig = r.p_signal.T.astype(np.float64)  # (C_rec, T)
+        r = wfdb.rdrecord(str(rec))
         units = [_UNIT_TO_UV.get(str(u).strip().lower(), None) for u in r.units]
         if None in units:
             raise ValueError(f"{rec}: unknown signal units {r.units}")
-        sig = sig * np.asarray(units)[:, None]
-        fs_rec = round(float(r.fs))
-        sos = butter(4, band, btype="bandpass", fs=fs_rec, output="sos")
-        sig = sosfiltfilt(sos, np.nan_to_num(sig), axis=-1)
-        if fs_rec != fs:
-            g = np.gcd(fs, fs_rec)
-            sig = resample_poly(sig, fs // g, fs_rec // g, axis=-1)
-        sig = sig * scale
-        rec_leads = [_lead_name(n) for n in r.sig_name]
-        out = np.zeros((len(leads), sig.shape[-1]), np.float32)
-        present = np.zeros(len(leads), bool)
-        for i, name in enumerate(leads):
-            if name in rec_leads:
-                out[i] = sig[rec_leads.index(name)]
-                present[i] = True
-        if not present.any():
+        sig = r.p_signal.T.astype(np.float64) * np.asarray(units)[:, None]
+        parts.append(windows_from_signal(sig, float(r.fs), [_lead_name(n) for n in r.sig_name], Path(rec).name,
+                                         leads, window_s, fs, band, scale, max_abs))
+    return _concat(parts, f"{len(records)} records")
+
+
+def windows_from_signal(sig_uv: np.ndarray, fs_rec: float, rec_leads: list[str], name: str,
+                        leads: tuple[str, ...] = STANDARD_LEADS, window_s: int = 10, fs: int = 200,
+                        band: tuple[float, float] = (0.5, 45.0), scale: float = 0.01,
+                        max_abs: float = 80.0) -> Windows | None:
+    """Band-pass, resample to ``fs``, scale and cut one recording ``(C_rec, T)`` in µV into windows."""
+    from scipy.signal import butter, resample_poly, sosfiltfilt
+
+    fs_in = round(fs_rec)
+    sos = butter(4, band, btype="bandpass", fs=fs_in, output="sos")
+    sig = sosfiltfilt(sos, np.nan_to_num(sig_uv), axis=-1)
+    if fs_in != fs:
+        g = np.gcd(fs, fs_in)
+        sig = resample_poly(sig, fs // g, fs_in // g, axis=-1)
+    sig = sig * scale
+    out = np.zeros((len(leads), sig.shape[-1]), np.float32)
+    present = np.zeros(len(leads), bool)
+    for i, lead in enumerate(leads):
+        if lead in rec_leads:
+            out[i] = sig[rec_leads.index(lead)]
+            present[i] = True
+    if not present.any():
+        return None
+    xs, starts, w = [], [], window_s * fs
+    for k in range(out.shape[-1] // w):
+        seg = out[:, k * w:(k + 1) * w]
+        if (not np.isfinite(seg).all() or np.abs(seg).max() > max_abs
+                or (seg[present].std(axis=-1) < 1e-3).any()):
             continue
-        w = window_s * fs
-        for k in range(out.shape[-1] // w):
-            seg = out[:, k * w:(k + 1) * w]
-            if (not np.isfinite(seg).all() or np.abs(seg).max() > max_abs
-                    or (seg[present].std(axis=-1) < 1e-3).any()):
-                continue
-            xs.append(seg.reshape(len(leads), window_s, fs))
-            pres.append(present)
-            names.append(Path(rec).name)
-            starts.append(k * window_s)
+        xs.append(seg.reshape(len(leads), window_s, fs))
+        starts.append(k * window_s)
     if not xs:
-        raise ValueError(f"no usable {window_s}-s windows in {len(records)} records")
-    return Windows(np.stack(xs), np.stack(pres), names, np.asarray(starts, np.float64))
+        return None
+    return Windows(np.stack(xs), np.repeat(present[None], len(xs), 0), [name] * len(xs),
+                   np.asarray(starts, np.float64))
+
+
+def _concat(parts: list[Windows | None], what: str) -> Windows:
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise ValueError(f"no usable windows in {what}")
+    return Windows(np.concatenate([p.x for p in parts]), np.concatenate([p.present for p in parts]),
+                   [r for p in parts for r in p.record], np.concatenate([p.start_s for p in parts]))
 
 
 def records_in(folder: str | Path) -> list[Path]:
@@ -131,6 +146,31 @@ def af_labels(records: list[Path], windows: Windows, fs_rec: dict[str, float], w
     return y
 
 
+def load_eegmat_ecg(folder: str | Path, lead: str = "II") -> tuple[Windows, np.ndarray, np.ndarray]:
+    """eegmat's single ECG channel as windows (placed in the ``lead`` slot), label 1 = mental arithmetic
+    (``SubjectXX_2``), 0 = rest (``SubjectXX_1``), and the subject of each window."""
+    import pyedflib
+
+    files = sorted(Path(folder).glob("Subject*_[12].edf"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no eegmat SubjectXX_[12].edf files")
+    parts = []
+    for f in files:
+        with pyedflib.EdfReader(str(f)) as edf:
+            labels = edf.getSignalLabels()
+            if "ECG ECG" not in labels:
+                raise ValueError(f"{f}: no 'ECG ECG' channel (has {labels})")
+            i = labels.index("ECG ECG")
+            unit = _UNIT_TO_UV.get(edf.getPhysicalDimension(i).strip().lower())
+            if unit is None:
+                raise ValueError(f"{f}: unknown ECG unit {edf.getPhysicalDimension(i)!r}")
+            sig = edf.readSignal(i)[None].astype(np.float64) * unit
+            parts.append(windows_from_signal(sig, edf.getSampleFrequency(i), [lead], f.stem))
+    w = _concat(parts, str(folder))
+    y = np.asarray([int(r.endswith("_2")) for r in w.record])
+    return w, y, np.asarray([r.split("_")[0] for r in w.record])
+
+
 def patient_of(record: str) -> str:
     """CPSC 2021 record names are ``data_<patient>_<segment>``."""
     return record.split("_")[1]
@@ -162,33 +202,111 @@ class ProbeResult:
     folds: list[dict]
 
 
-def linear_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, name: str) -> ProbeResult:
-    """Leave-one-AF-patient-and-one-normal-patient-out logistic regression (every such pair is a fold)."""
+def linear_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, name: str,
+                 folds: list[list[str]] | None = None) -> ProbeResult:
+    """Group-held-out logistic regression: each fold's test set is the windows of its listed groups.
+
+    Default folds: every (positive-only group, negative-only group) pair when no group has both classes
+    (CPSC 2021: one AF and one normal patient held out), else leave-one-group-out.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    pos = sorted({g for g, t in zip(groups, y) if t == 1})
-    neg = sorted({g for g, t in zip(groups, y) if t == 0})
-    folds, bal, aucs = [], [], []
-    for p in pos:
-        for n in neg:
-            test = np.isin(groups, [p, n])
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-            clf.fit(features[~test], y[~test])
-            score = clf.predict_proba(features[test])[:, 1]
-            b = balanced_accuracy_score(y[test], score > 0.5)
-            a = roc_auc_score(y[test], score)
-            folds.append({"test_patients": [p, n], "balanced_accuracy": float(b), "auc": float(a),
-                          "n_test": int(test.sum())})
-            bal.append(b)
-            aucs.append(a)
-    return ProbeResult(name, float(np.mean(bal)), float(np.mean(aucs)), folds)
+    if folds is None:
+        classes = {g: set(y[groups == g].tolist()) for g in sorted(set(groups.tolist()))}
+        if all(len(c) == 1 for c in classes.values()):
+            pos = [g for g, c in classes.items() if c == {1}]
+            neg = [g for g, c in classes.items() if c == {0}]
+            folds = [[p, n] for p in pos for n in neg]
+        else:
+            folds = [[g] for g in classes]
+    rows, bal, aucs = [], [], []
+    for test_groups in folds:
+        test = np.isin(groups, test_groups)
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=3000))
+        clf.fit(features[~test], y[~test])
+        score = clf.predict_proba(features[test])[:, 1]
+        b = balanced_accuracy_score(y[test], score > 0.5)
+        a = roc_auc_score(y[test], score)
+        rows.append({"test_groups": [str(g) for g in test_groups], "balanced_accuracy": float(b), "auc": float(a),
+                     "n_test": int(test.sum())})
+        bal.append(b)
+        aucs.append(a)
+    return ProbeResult(name, float(np.mean(bal)), float(np.mean(aucs)), rows)
 
 
-def save_results(results: list[ProbeResult], path: str | Path, extra: dict | None = None) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"results": [asdict(r) for r in results], **(extra or {})}, indent=1))
-    tmp.replace(path)
+# -- the experiment ----------------------------------------------------------------------------------------
+def load_cpsc2021(folder: str | Path) -> tuple[Windows, np.ndarray, np.ndarray]:
+    """CPSC 2021 windows in the 12-lead layout (I, II present), AF labels, patient of each window."""
+    import wfdb
+
+    recs = records_in(folder)
+    w = read_wfdb_windows(recs)
+    fs = {r.name: float(wfdb.rdheader(str(r)).fs) for r in recs}
+    y = af_labels(recs, w, fs)
+    keep = y >= 0
+    w = Windows(w.x[keep], w.present[keep], [r for r, k in zip(w.record, keep) if k], w.start_s[keep])
+    return w, y[keep], np.asarray([patient_of(r) for r in w.record])
+
+
+TASKS = {
+    "cpsc2021_af": (("CPSC 2021: AF vs normal rhythm per 10-s window, leads I+II; folds = every (AF patient, "
+                    "normal patient) pair held out"), "data/ecg_cpsc2021", load_cpsc2021),
+    "eegmat_ecg_task": (("eegmat ECG: mental arithmetic vs rest per 10-s window, single ECG lead; "
+                        "leave-one-subject-out (12 folds)"), "data/eeg_ecg_eegmat", load_eegmat_ecg),
+}
+
+
+def pretrain_variant(out_dir: Path, name: str, steps: int, preset: str = "small", seed: int = 0,
+                     batch_size: int = 32, lr: float = 1e-3, **mask_kw) -> Path:
+    """Pretrain on the shipped demo sample only (no probe data) into ``out_dir/name``; reuse a finished run."""
+    from .pretrain import DEMO_DATA, ArrayLoader, PretrainConfig, pretrain
+
+    run = out_dir / name
+    ck = run / "checkpoint.pt"
+    if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=False)["step"] >= steps:
+        return run
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    pre = read_wfdb_windows(records_in(DEMO_DATA))
+    cfg = PretrainConfig(data="(in-memory demo sample)", out=str(run), preset=preset, steps=steps,
+                         batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), ckpt_every=100,
+                         log_every=10, workers=0, device="cpu", amp="none", seed=seed, **mask_kw)
+    pretrain(cfg, loader=ArrayLoader(pre.x, pre.present, batch_size, seed=seed), quiet=True)
+    return run
+
+
+def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 500, preset: str = "small",
+                   seed: int = 0) -> dict:
+    """Random init vs encoders pretrained with patch-only and with dual masking, same linear probe.
+
+    Pretraining sees only the shipped demo sample (CinC 2021 + MIT-BIH 100): no window, subject or
+    patient of the probe tasks.
+    """
+    from .model import CBraMod
+    from .model.config import PRESETS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed * 1_000_003)  # the initial weights the pretraining runs start from
+    models = {"random init": CBraMod(**PRESETS[preset].to_dict(), backend="torch")}
+    for name, kw in (("patch-only", {"patch_ratio": 0.5, "lead_ratio": 0.0}),
+                     ("dual", {"patch_ratio": 0.5, "lead_ratio": 0.25})):
+        run = pretrain_variant(out_dir, name, steps, preset, seed, **kw)
+        models[f"{name} pretrained"] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
+    report: dict = {"preset": preset, "pretrain_steps": steps, "seed": seed, "torch": torch.__version__,
+                    "pretrain_data": "cbramod_fast/data/ecg_demo (202 windows)", "tasks": {}}
+    for task, (desc, sub, loader) in TASKS.items():
+        w, y, groups = loader(Path(shared_dir) / sub)
+        results = [linear_probe(encoder_features(m, w.x, w.present), y, groups, name) for name, m in models.items()]
+        report["tasks"][task] = {"description": desc, "n_windows": len(y), "n_positive": int(y.sum()),
+                                 "groups": sorted(set(groups.tolist())),
+                                 "results": [asdict(r) for r in results]}
+    tmp = out_dir / "probe.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out_dir / "probe.json")
+    return report
