@@ -173,18 +173,25 @@ def _atomic_text(text: str, path: Path) -> None:
 
 
 def _rng_state(mask_gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG the loop draws from, as tensors and plain types (loadable with ``weights_only=True``)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "mask": mask_gen.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "mask": mask_gen.get_state()}
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}}
 
 
 def _set_rng_state(s: dict, mask_gen: torch.Generator) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    mask_gen.set_state(s["mask"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-    mask_gen.set_state(s["mask"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -357,7 +364,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
 
     step, epoch = 0, 0
     if resume:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if ck["world_size"] != world:
             raise UsageError(f"{ckpt_path} was written by {ck['world_size']} ranks; resume with the same number")
         model.load_state_dict(ck["model"])
@@ -495,7 +502,7 @@ def export_encoder(run: str | Path, out: str | Path) -> Path:
     ckpt = run / CHECKPOINT if run.is_dir() else run
     if not ckpt.is_file():
         raise FileNotFoundError(f"{run}: no {CHECKPOINT} (is this a pretraining run folder?)")
-    ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
     if not isinstance(ck, dict) or "model" not in ck:
         raise ValueError(f"{ckpt}: not a cbramod-fast pretraining checkpoint")
     from .model.checkpoint import _strip

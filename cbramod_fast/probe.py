@@ -266,7 +266,7 @@ def pretrain_variant(out_dir: Path, name: str, steps: int, preset: str = "small"
 
     run = out_dir / name
     ck = run / "checkpoint.pt"
-    if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=False)["step"] >= steps:
+    if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=True)["step"] >= steps:
         return run
     if run.exists():
         import shutil

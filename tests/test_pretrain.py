@@ -48,7 +48,7 @@ def _losses(run: Path) -> list[float]:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_resume_is_identical(tmp_path, windows):
@@ -68,7 +68,7 @@ def test_resume_is_identical(tmp_path, windows):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
-    ck = torch.load(split / "checkpoint.pt", weights_only=False)
+    ck = torch.load(split / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 6 and {"optimizer", "scheduler", "scaler", "rng", "loader", "config"} <= ck.keys()
     for name in ("loss.png", "reconstruction.png", "config.json"):
         assert (split / name).stat().st_size > 0
@@ -129,6 +129,9 @@ def test_export_loads_into_reference_strict(tmp_path, windows):
     sd = torch.load(out, weights_only=True)
     ref = ReferenceCBraMod(dim_feedforward=200, n_layer=2)  # the tiny preset
     ref.load_state_dict(sd, strict=True)
+    # the run's checkpoint itself also loads with CBraMod.from_pretrained (it reads the "model" entry)
+    loaded = CBraMod.from_pretrained(run / "checkpoint.pt")
+    assert loaded.load_report.ok and all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
     # and a new run can start from it (CBraMod.from_pretrained): with lr ~ 0 the weights stay put
     run2 = tmp_path / "run2"
     pretrain(_cfg(run2, steps=1, accum=1, lr=1e-12, min_lr=0.0, init=str(out)), loader=ArrayLoader(x, present, 8),
@@ -204,7 +207,7 @@ def test_ddp_two_cpu_ranks(tmp_path, windows):
     x, present = windows
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), x[:24], present[:24]),
                                 nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), f"{k} differs between ranks"
     assert len(r0["seen"]) == len(r1["seen"]) == 4
@@ -213,7 +216,7 @@ def test_ddp_two_cpu_ranks(tmp_path, windows):
     # 24 windows / 2 ranks / batch 4 = 3 batches per epoch: the first epoch covers every window once.
     first_epoch = [i for batch in r0["seen"][:3] + r1["seen"][:3] for i in batch]
     assert sorted(first_epoch) == list(range(24))
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2 and len(ck["loader"]) == 2
     for k in r0["model"]:
         assert torch.equal(ck["model"][k], r0["model"][k])
