@@ -380,9 +380,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
     else:
         loader.set_epoch(epoch)
 
-    fwd = model
+    fwd = ddp = model
     if distributed:
-        fwd = torch.nn.parallel.DistributedDataParallel(
+        fwd = ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
@@ -436,7 +436,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
                 b, c, n, _ = x.shape
                 mask = dual_mask(b, c, n, cfg.patch_ratio, cfg.lead_ratio, generator=mask_gen, present=present,
                                  span=cfg.span, backend=cfg.backend)
-                sync = (fwd.no_sync() if distributed and micro < cfg.accum - 1 else contextlib.nullcontext())
+                sync = (ddp.no_sync() if distributed and micro < cfg.accum - 1 else contextlib.nullcontext())
                 with sync:
                     with autocast:
                         pred = fwd(x, mask)

@@ -191,7 +191,7 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str, x, present) -> None:
     torch.set_num_threads(1)
     loader = _RecordingLoader(x, present, 4, seed=0, rank=rank, world_size=world)
     loader.seen = []
-    summary = pretrain(_cfg(Path(tmp) / "run", steps=4, accum=1, batch_size=4, ckpt_every=4), loader=loader,
+    summary = pretrain(_cfg(Path(tmp) / "run", steps=2, accum=2, batch_size=4, ckpt_every=2), loader=loader,
                        quiet=True)
     torch.save({"model": summary["model"].state_dict(), "seen": loader.seen}, Path(tmp) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -210,7 +210,7 @@ def test_ddp_two_cpu_ranks(tmp_path, windows):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), f"{k} differs between ranks"
-    assert len(r0["seen"]) == len(r1["seen"]) == 4
+    assert len(r0["seen"]) == len(r1["seen"]) == 4  # 2 steps x 2 accumulation micro-batches
     for step, (a, b) in enumerate(zip(r0["seen"], r1["seen"])):
         assert not set(a) & set(b), f"step {step}: ranks share windows {set(a) & set(b)}"
     # 24 windows / 2 ranks / batch 4 = 3 batches per epoch: the first epoch covers every window once.
