@@ -1,0 +1,224 @@
+"""Record readers: WFDB, EDF/BDF and NumPy files → one recording in µV with leads in a requested order.
+
+Every reader returns a :class:`Record` whose ``signal`` is ``(L, T)`` float64 in µV, its rows in the order
+of the requested ``leads``; a lead the file lacks is a row of zeros with ``present[i] = False``.
+
+Lead names are matched case-, space- and alias-insensitively (:func:`normalize_lead`): ``MLII`` is II,
+``avr`` is aVR, ``ECG V1`` / ``Lead V1`` are V1, ``DII`` is II. Any other name (``ECG ECG1``, ``A2-A1``)
+matches itself after the same normalisation, so EDF channels can be picked with ``leads=("ECG ECG1",)``.
+
+NumPy input (one recording per file):
+
+* ``.npz`` with keys ``signal`` — shape ``(C, T)``, leads first —, ``fs`` (Hz, scalar) and optionally
+  ``leads`` (``C`` names) and ``unit`` (``"uV"`` default, ``"mV"``, ``"V"``, ``"nV"``).
+* ``.npy`` holding a ``(C, T)`` array; its rate (and unit, default µV) come from the build configuration
+  (``--npy-fs``, ``--npy-unit``).
+
+Without lead names a NumPy record must have exactly as many rows as requested leads and is taken to be in
+that order. An array with more rows than samples is rejected as a probable ``(T, C)`` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STANDARD_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+
+# normalised name -> canonical normalised name
+_ALIASES = {"mli": "i", "mlii": "ii", "ml2": "ii", "mliii": "iii", "ml3": "iii", "di": "i", "dii": "ii",
+            "diii": "iii", "1": "i", "2": "ii", "3": "iii"}
+_STANDARD_NORM = {n.lower() for n in STANDARD_LEADS}
+_UNIT_TO_UV = {"uv": 1.0, "µv": 1.0, "μv": 1.0, "mv": 1e3, "v": 1e6, "nv": 1e-3}
+
+WFDB_SUFFIXES = (".hea",)
+EDF_SUFFIXES = (".edf", ".bdf")
+NUMPY_SUFFIXES = (".npy", ".npz")
+SUFFIXES = WFDB_SUFFIXES + EDF_SUFFIXES + NUMPY_SUFFIXES
+
+
+class RecordError(ValueError):
+    """A file that cannot be used (corrupt, truncated, unknown unit, no requested lead, ...)."""
+
+
+@dataclass
+class Record:
+    record: str  # record name (file stem for EDF/NumPy, the header's name for WFDB)
+    fs: float  # sampling rate of ``signal`` in Hz
+    signal: np.ndarray  # (L, T) float64, µV, rows in the requested lead order, zeros where absent
+    present: np.ndarray  # (L,) bool
+    source_leads: list[str | None]  # the file's name for each requested lead (None where absent)
+    units: list[str | None]  # the file's unit for each requested lead
+
+
+def normalize_lead(name: str) -> str:
+    """Canonical comparison key of a lead name (lower case, no spaces/dashes/underscores, aliases resolved)."""
+    n = "".join(ch for ch in str(name).strip().lower() if ch not in " _-.")
+    for prefix in ("lead", "ecg"):
+        rest = n[len(prefix):]
+        if n.startswith(prefix) and (rest in _STANDARD_NORM or rest in _ALIASES):
+            n = rest
+    return _ALIASES.get(n, n)
+
+
+def unit_factor(unit: str | None, where: str) -> float:
+    """Multiplier from ``unit`` to µV; raises :class:`RecordError` for an unknown unit."""
+    key = str(unit or "").strip().lower()
+    if key not in _UNIT_TO_UV:
+        raise RecordError(f"{where}: unknown signal unit {unit!r} (known: uV, mV, V, nV)")
+    return _UNIT_TO_UV[key]
+
+
+def pick_leads(names: list[str], leads: tuple[str, ...]) -> list[int | None]:
+    """For each requested lead, the index of the first file channel with that name (None if absent)."""
+    keys = [normalize_lead(n) for n in names]
+    return [keys.index(k) if (k := normalize_lead(lead)) in keys else None for lead in leads]
+
+
+def _assemble(name: str, fs: float, length: int, leads: tuple[str, ...], names: list[str],
+              units: list[str | None], get_row, where: str) -> Record:
+    """Build a Record from per-channel accessors; ``get_row(i)`` returns channel ``i`` in file units."""
+    if not np.isfinite(fs) or fs <= 0:
+        raise RecordError(f"{where}: invalid sampling rate {fs!r}")
+    if length <= 0:
+        raise RecordError(f"{where}: no samples")
+    picked = pick_leads(names, leads)
+    if all(p is None for p in picked):
+        raise RecordError(f"{where}: none of the requested leads {list(leads)} in the file's {list(names)}")
+    out = np.zeros((len(leads), length), np.float64)
+    for row, ch in enumerate(picked):
+        if ch is not None:
+            data = np.asarray(get_row(ch), np.float64)
+            if data.shape != (length,):
+                raise RecordError(f"{where}: channel {names[ch]!r} has {data.shape[0]} samples, expected {length}"
+                                  " (truncated file?)")
+            out[row] = data * unit_factor(units[ch], f"{where} channel {names[ch]!r}")
+    return Record(record=name, fs=float(fs), signal=out, present=np.array([p is not None for p in picked]),
+                  source_leads=[names[p] if p is not None else None for p in picked],
+                  units=[units[p] if p is not None else None for p in picked])
+
+
+def read_wfdb(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Record:
+    """Read a WFDB record from its ``.hea`` path (signal files: ``.dat``, ``.mat``, ... as the header says)."""
+    import wfdb
+
+    path = Path(path)
+    base = str(path.with_suffix("")) if path.suffix == ".hea" else str(path)
+    try:
+        header = wfdb.rdheader(base)
+        if getattr(header, "seg_name", None):
+            raise RecordError(f"{path}: multi-segment master header (its segments are read individually)")
+        rec = wfdb.rdrecord(base, physical=True)
+    except RecordError:
+        raise
+    except Exception as exc:  # wfdb raises many types for broken files; report them uniformly
+        raise RecordError(f"{path}: unreadable WFDB record ({type(exc).__name__}: {exc})") from exc
+    sig = rec.p_signal
+    if sig is None or sig.ndim != 2:
+        raise RecordError(f"{path}: no signal")
+    if header.sig_len and sig.shape[0] != header.sig_len:
+        raise RecordError(f"{path}: {sig.shape[0]} samples read, header says {header.sig_len} (truncated file?)")
+    units = [u if u else "mV" for u in (rec.units or ["mV"] * sig.shape[1])]  # WFDB's default unit is mV
+    return _assemble(rec.record_name, rec.fs, sig.shape[0], leads, list(rec.sig_name), units,
+                     lambda i: sig[:, i], str(path))
+
+
+def read_edf(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Record:
+    """Read the requested channels of an EDF/EDF+/BDF file (physical values) with ``pyedflib``."""
+    import pyedflib
+
+    path = Path(path)
+    try:
+        f = pyedflib.EdfReader(str(path))
+    except Exception as exc:
+        raise RecordError(f"{path}: unreadable EDF/BDF file ({type(exc).__name__}: {exc})") from exc
+    try:
+        names = [s.strip() for s in f.getSignalLabels()]
+        picked = [p for p in pick_leads(names, leads) if p is not None]
+        if not picked:
+            raise RecordError(f"{path}: none of the requested leads {list(leads)} in the file's {names}")
+        rates = {float(f.getSampleFrequency(i)) for i in picked}
+        if len(rates) != 1:
+            raise RecordError(f"{path}: the requested leads have different rates {sorted(rates)} Hz")
+        fs = rates.pop()
+        length = int(f.getNSamples()[picked[0]])
+        units = [f.getPhysicalDimension(i) for i in range(len(names))]
+        return _assemble(path.stem, fs, length, leads, names, units, lambda i: f.readSignal(i), str(path))
+    finally:
+        f.close()
+
+
+def read_numpy(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS, fs: float | None = None,
+               unit: str = "uV") -> Record:
+    """Read a ``.npz`` (``signal`` (C, T), ``fs``, optional ``leads``, ``unit``) or a ``.npy`` (C, T) file."""
+    path = Path(path)
+    names = None
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "signal" not in z or "fs" not in z:
+                    raise RecordError(f"{path}: .npz needs keys 'signal' (C, T) and 'fs'; has {sorted(z.keys())}")
+                sig = np.asarray(z["signal"])
+                fs = float(np.asarray(z["fs"]).reshape(()))
+                names = [str(n) for n in z["leads"]] if "leads" in z else None
+                unit = str(np.asarray(z["unit"]).reshape(())) if "unit" in z else unit
+        else:
+            sig = np.load(path, mmap_mode="r", allow_pickle=False)
+    except RecordError:
+        raise
+    except Exception as exc:
+        raise RecordError(f"{path}: unreadable NumPy file ({type(exc).__name__}: {exc})") from exc
+    if fs is None:
+        raise RecordError(f"{path}: a .npy file has no sampling rate; set it (--npy-fs / numpy_fs)")
+    if sig.ndim == 1:
+        sig = sig[None]
+    if sig.ndim != 2 or not (np.issubdtype(sig.dtype, np.floating) or np.issubdtype(sig.dtype, np.integer)):
+        raise RecordError(f"{path}: expected a real (C, T) array, got {sig.dtype} {sig.shape}")
+    if sig.shape[0] > sig.shape[1]:
+        raise RecordError(f"{path}: shape {sig.shape} has more rows than samples; store signals as (C, T)")
+    if names is None:
+        if sig.shape[0] != len(leads):
+            raise RecordError(f"{path}: {sig.shape[0]} rows but no 'leads' names; without names the rows must be "
+                              f"exactly the {len(leads)} requested leads")
+        names = list(leads)
+    if len(names) != sig.shape[0]:
+        raise RecordError(f"{path}: {len(names)} lead names for {sig.shape[0]} rows")
+    return _assemble(path.stem, fs, sig.shape[1], leads, names, [unit] * len(names), lambda i: sig[i], str(path))
+
+
+def read_record(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS, numpy_fs: float | None = None,
+                numpy_unit: str = "uV") -> Record:
+    """Dispatch on the file suffix (``.hea`` WFDB, ``.edf``/``.bdf``, ``.npy``/``.npz``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in WFDB_SUFFIXES:
+        return read_wfdb(path, leads)
+    if suffix in EDF_SUFFIXES:
+        return read_edf(path, leads)
+    if suffix in NUMPY_SUFFIXES:
+        return read_numpy(path, leads, numpy_fs, numpy_unit)
+    raise RecordError(f"{path}: unsupported file type {suffix!r} (supported: {', '.join(SUFFIXES)})")
+
+
+def find_records(sources: list[str | Path]) -> list[tuple[int, str]]:
+    """All readable files under ``sources`` as ``(source index, path relative to that source)``, sorted.
+
+    A source may be a folder (searched recursively) or a single file (relative path = its name).
+    """
+    out: list[tuple[int, str]] = []
+    for i, src in enumerate(sources):
+        src = Path(src)
+        if src.is_file():
+            out.append((i, src.name))
+            continue
+        if not src.is_dir():
+            raise FileNotFoundError(f"source {src}: no such file or folder")
+        out.extend((i, p.relative_to(src).as_posix()) for p in src.rglob("*")
+                   if p.suffix.lower() in SUFFIXES and p.is_file())
+    return sorted(set(out))
+
+
+def source_path(sources: list[str | Path], src_index: int, rel: str) -> Path:
+    src = Path(sources[src_index])
+    return src if src.is_file() else src / rel
