@@ -1,0 +1,76 @@
+"""pytest-benchmark suite: encoder forward and training step, fast ``CBraMod`` vs the in-repo reference.
+
+    pytest bench/bench_encoder.py --benchmark-only                    # CPU: preset small, 19x30, batch 4
+    CBRAMOD_BENCH_PRESET=base CBRAMOD_BENCH_BATCH=64 pytest bench/bench_encoder.py --benchmark-only  # GPU
+
+Same harness as ``cbramod-fast bench`` (same models, weights, real ECG input and step functions); results
+are grouped per (mode, dtype) so pytest-benchmark prints the variants side by side. The Triton backend is
+timed on CUDA only (under the CPU interpreter it is a correctness tool, not a speed). For the interleaved,
+quantile-reporting comparison that feeds the README use ``cbramod-fast bench``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cbramod_fast import bench as B
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PRESET = os.environ.get("CBRAMOD_BENCH_PRESET", "base" if DEVICE == "cuda" else "small")
+BATCH = int(os.environ.get("CBRAMOD_BENCH_BATCH", "64" if DEVICE == "cuda" else "4"))
+C, N = 19, 30
+ROUNDS = 20 if DEVICE == "cuda" else 5
+DTYPES = ("fp32", "bf16")
+VARIANTS = ["fast[torch]", "reference"] + (["fast[triton]"] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    if DEVICE == "cpu":
+        torch.set_num_threads(B.auto_threads())  # see auto_threads: all cores collapse on a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    backends = tuple(v[5:-1] for v in VARIANTS if v.startswith("fast["))
+    return B.build_models(B.BenchConfig(device=DEVICE, preset=PRESET, backends=backends))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    x = B.make_input(B.demo_patch_stream(), BATCH, C, N).to(DEVICE)
+    mask = (torch.rand(x.shape[:3], generator=torch.Generator().manual_seed(1)) < 0.5).long().to(DEVICE)
+    return x, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["infer", "train"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_encoder(benchmark, models, inputs, variant, mode, dtype):
+    import copy
+
+    x, mask = inputs
+    model = models[variant]
+    if mode == "train":
+        model = copy.deepcopy(model)
+    model = model.to(DEVICE).train(mode == "train")
+    backend = variant[5:-1] if variant.startswith("fast[") else None
+    v = B.Variant(variant, "fast" if backend else variant, backend, dtype, model)
+    if mode == "train":
+        v.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    step = B._step_fn(v, x, mask, mode, DEVICE)
+
+    def timed():
+        step()
+        B._sync(DEVICE)  # pytest-benchmark times on the host: wait for the GPU
+
+    benchmark.group = f"encoder {mode} {dtype} {PRESET} {C}x{N} batch {BATCH} ({DEVICE})"
+    benchmark.extra_info.update({"flops": B.model_flops(B.PRESETS[PRESET], C, N, BATCH, mode),
+                                 "batch": BATCH, "threads": torch.get_num_threads()})
+    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)

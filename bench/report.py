@@ -1,0 +1,86 @@
+"""Render the README's benchmark results from the committed ``bench/results/*.json`` files.
+
+    python bench/report.py            # rewrite README.md between the bench-results markers
+    python bench/report.py --check    # exit 1 if README.md is not what the result files say
+
+Only ``cbramod-fast bench`` result files (schema ``cbramod-fast-bench/1``) are rendered; the tables are the
+same ``markdown_table`` the CLI prints, so no number in the README is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cbramod_fast.bench import SCHEMA, markdown_header, markdown_table, result_stem
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- BEGIN bench-results -->", "<!-- END bench-results -->"
+
+
+def load_results(folder: Path = RESULTS) -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{path}: not valid JSON ({exc})")
+        if isinstance(doc, dict) and doc.get("schema") == SCHEMA:
+            docs.append((path, doc))
+    # CPU first, then GPUs; inference before training
+    docs.sort(key=lambda pd: (pd[1]["device"]["type"] != "cpu", result_stem(pd[1])))
+    return docs
+
+
+def render(folder: Path = RESULTS, root: Path = ROOT) -> str:
+    docs = load_results(folder)
+    if not docs:
+        return "No result files yet: run `cbramod-fast bench` and then `python bench/report.py`."
+    parts = []
+    for path, doc in docs:
+        a = doc["args"]
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        title = (f"#### {doc['device']['name']} — {', '.join(a['modes'])}, preset `{a['preset']}` "
+                 f"([`{rel}`]({rel}))")
+        parts += [title, "", markdown_header(doc), "", markdown_table(doc), ""]
+        png = path.with_suffix(".png")
+        if png.is_file():
+            prel = png.relative_to(root).as_posix() if png.is_relative_to(root) else png.name
+            parts += [f"![p50 latency vs batch]({prel})", ""]
+    return "\n".join(parts).rstrip()
+
+
+def splice(readme: str, body: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md is stale instead of writing it")
+    args = p.parse_args(argv)
+    old = README.read_text()
+    new = splice(old, render())
+    if args.check:
+        if new != old:
+            print("README.md benchmark results are stale: run `python bench/report.py`", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        tmp = README.with_name(README.name + ".tmp")
+        tmp.write_text(new)
+        os.replace(tmp, README)
+    print(f"README.md: {len(load_results())} result file(s) rendered")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
