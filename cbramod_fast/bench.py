@@ -35,6 +35,7 @@ import copy
 import datetime as _dt
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -758,6 +759,12 @@ def markdown_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _repeats_text(doc: dict) -> str:
+    counts = sorted({r["repeats"] for r in doc["results"] if r["timed"]})
+    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}" if counts else "0"
+    return f"{span} interleaved rounds" + (" (auto)" if not doc["args"]["repeats"] else "")
+
+
 def markdown_header(doc: dict) -> str:
     dev, ver, git = doc["device"], doc["versions"], doc["git"]
     commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
@@ -775,7 +782,7 @@ def markdown_header(doc: dict) -> str:
            f"{doc['load_average']['after'][0]:.1f} after" if doc.get("load_average", {}).get("before") else ""),
         (f"- preset `{a['preset']}` ({mcfg['n_layer']} layers, ff {mcfg['dim_feedforward']}); "
          f"{fl / 1e9:.2f} GFLOP per {a['shapes'][0][0]}×{a['shapes'][0][1]} sample forward; warm-up "
-         f"{a['warmup']}, repeats {'auto' if not a['repeats'] else a['repeats']}"
+         f"{a['warmup']}, repeats {_repeats_text(doc)}"
          f"{', torch.compile' if a.get('compile') else ''}"),
     ])
 
@@ -790,19 +797,27 @@ def plot_latency(doc: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in doc["results"] if r["latency_s"]]
     panels = sorted({(r["mode"], r["channels"], r["patches"]) for r in rows})
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
     for ax, (mode, c, n) in zip(axes[0], panels):
         sel = [r for r in rows if (r["mode"], r["channels"], r["patches"]) == (mode, c, n)]
-        for label in dict.fromkeys(f"{_variant_label(r)} {r['dtype']}" for r in sel):
+        models = list(dict.fromkeys(_variant_label(r) for r in sel))
+        dtypes = list(dict.fromkeys(r["dtype"] for r in sel))
+        for (mi, model), (di, dt) in itertools.product(enumerate(models), enumerate(dtypes)):
             pts = sorted((r["batch"], r["latency_s"]["p50"] * 1e3) for r in sel
-                         if f"{_variant_label(r)} {r['dtype']}" == label)
-            ax.plot(*zip(*pts), marker="o", label=label)
+                         if _variant_label(r) == model and r["dtype"] == dt)
+            if pts:  # colour = model, line style = dtype
+                ax.plot(*zip(*pts), marker="o", color=f"C{mi}", linestyle=("-", "--", ":")[di % 3],
+                        label=f"{model} {dt}")
+        batches = sorted({r["batch"] for r in sel})
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="p50 latency (ms)", title=f"{mode} {c}×{n}")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, handlelength=3.5)
     fig.suptitle(f"{doc['device']['name']} — preset {doc['args']['preset']}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
