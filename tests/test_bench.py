@@ -91,7 +91,8 @@ def test_flops_match_torch_counter(monkeypatch, preset, c, n, batch):
     torch.manual_seed(0)
     model = CBraMod.from_config(preset, backend="torch").eval()
     x = torch.randn(batch, c, n, 200)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    # Grad enabled: the CPU inference path uses oneDNN fused ops the counter cannot see; same math.
+    with FlopCounterMode(display=False) as fc:
         model(x)
     fwd = B.model_flops(PRESETS[preset], c, n, batch)
     assert fc.get_total_flops() == pytest.approx(fwd, rel=1e-3)
