@@ -3,6 +3,11 @@
 Per layer: LayerNorm -> ONE batched GEMM producing q|k|v of both attention halves -> criss-cross
 attention on strided views (no transpose/contiguous round trips) -> ONE batched GEMM for both output
 projections -> residual; then the feed-forward block.
+
+CPU inference (eval, no autograd, eager) takes ``_forward_onednn`` instead: the same math through
+oneDNN's fused linear ops (linear+GELU, linear+bias+residual) and the residual add folded into the
+output projections' GEMM accumulation, which removes most elementwise passes. Everything else (training,
+autograd, torch.compile, CUDA/Triton) uses the plain-op path, which Inductor fuses by itself.
 """
 
 from __future__ import annotations
@@ -13,6 +18,23 @@ from torch import nn
 
 from ..kernels import criss_cross_attention
 from .config import CBraModConfig
+
+_linear_pointwise = torch.ops.mkldnn._linear_pointwise
+
+
+def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """Compute dtype for the oneDNN inference path, or None when the plain-op path must run.
+
+    bf16 autocast is honoured by hand (the mkldnn ops are not autocast-aware): GEMMs in bf16, the
+    residual stream kept in x's dtype as autocast would.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    if x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype:
+        return x.dtype
+    return None
 
 
 class AttentionParams(nn.Module):
@@ -41,6 +63,10 @@ class CrissCrossLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        if not self.training and not (torch.is_grad_enabled() and (x.requires_grad or self.linear1.weight.requires_grad)):
+            dtype = _onednn_dtype(x, self.linear1.weight)
+            if dtype is not None:
+                return self._forward_onednn(x, dtype, backend)
         b, c, n, d = x.shape
         half = d // 2
         s, t = self.self_attn_s, self.self_attn_t
@@ -58,6 +84,53 @@ class CrissCrossLayer(nn.Module):
         h = F.layer_norm(x, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
         h = F.dropout(F.gelu(self.linear1(h)), self.p, self.training)
         return x + F.dropout(self.linear2(h), self.p, self.training)
+
+    def _forward_onednn(self, x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+        """Eval-mode forward without autograd on CPU (no dropout); same math as ``forward``."""
+        b, c, n, d = x.shape
+        half = d // 2
+        w = self._weights(dtype)
+        h = F.layer_norm(x, (d,), self.norm1.weight, self.norm1.bias, self.norm1.eps).view(-1, d)
+        # The spatial half is projected in (B, N, C) row order (one copy of its 100-wide input instead of
+        # three of its 300-wide q|k|v): the spatial attention batches are then views (kernels/reference.py).
+        h_s = x.new_empty((b, n, c, half), dtype=dtype).copy_(h[:, :half].view(b, c, n, half).transpose(1, 2))
+        qkv_s = _linear_pointwise(h_s.view(-1, half), w["in_s"], w["in_s_b"], "none", [], "")
+        qkv_t = _linear_pointwise(h[:, half:].to(dtype), w["in_t"], w["in_t_b"], "none", [], "")
+        a = criss_cross_attention(qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1), self.heads,
+                                  backend=backend).reshape(-1, d)
+        if a.dtype == x.dtype:
+            # x + out_proj(a): the bias add makes the new residual tensor, the GEMMs accumulate into it.
+            x = (x + w["out_b"]).view(-1, d)
+            x[:, :half].addmm_(a[:, :half], w["out_s"].t())
+            x[:, half:].addmm_(a[:, half:], w["out_t"].t())
+        else:  # bf16 autocast over an fp32 stream: bf16 GEMMs, fp32 residual add (as autocast does)
+            o = torch.cat((_linear_pointwise(a[:, :half], w["out_s"], w["out_s_b"], "none", [], ""),
+                           _linear_pointwise(a[:, half:], w["out_t"], w["out_t_b"], "none", [], "")), -1)
+            x = x.view(-1, d) + o
+        h = F.layer_norm(x, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps).to(dtype)
+        h = _linear_pointwise(h, w["l1"], w["l1_b"], "gelu", [], "none")  # GELU (erf) fused into the GEMM
+        if x.dtype == dtype:  # bias and residual fused into the GEMM
+            x = _linear_pointwise.binary(h, x, w["l2"], w["l2_b"], "add")
+        else:
+            x = x + _linear_pointwise(h, w["l2"], w["l2_b"], "none", [], "")
+        return x.view(b, c, n, d)
+
+    def _weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Inference weights in ``dtype``, cached; rebuilt when a parameter changes (version counter)."""
+        s, t = self.self_attn_s, self.self_attn_t
+        params = (s.in_proj_weight, s.in_proj_bias, t.in_proj_weight, t.in_proj_bias, s.out_proj.weight,
+                  s.out_proj.bias, t.out_proj.weight, t.out_proj.bias, self.linear1.weight, self.linear1.bias,
+                  self.linear2.weight, self.linear2.bias)
+        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+        cache = getattr(self, "_weight_cache", None)
+        if cache is None or cache[0] != key:
+            names = ("in_s", "in_s_b", "in_t", "in_t_b", "out_s", "out_s_b", "out_t", "out_t_b", "l1", "l1_b",
+                     "l2", "l2_b")
+            w = {k: p.detach().to(dtype) for k, p in zip(names, params)}
+            w["out_b"] = torch.cat((s.out_proj.bias, t.out_proj.bias)).detach().to(dtype)
+            cache = (key, w)
+            self._weight_cache = cache  # plain attribute: not a buffer, never in the state dict
+        return cache[1]
 
 
 class Encoder(nn.Module):
