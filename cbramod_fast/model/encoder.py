@@ -104,8 +104,8 @@ class CrissCrossLayer(nn.Module):
             x[:, :half].addmm_(a[:, :half], w["out_s"].t())
             x[:, half:].addmm_(a[:, half:], w["out_t"].t())
         else:  # bf16 autocast over an fp32 stream: bf16 GEMMs, fp32 residual add (as autocast does)
-            o = torch.cat((_linear_pointwise(a[:, :half], w["out_s"], w["out_s_b"], "none", [], ""),
-                           _linear_pointwise(a[:, half:], w["out_t"], w["out_t_b"], "none", [], "")), -1)
+            o = torch.cat((_linear_pointwise(a[:, :half], w["out_s_packed"], w["out_s_b"], "none", [], ""),
+                           _linear_pointwise(a[:, half:], w["out_t_packed"], w["out_t_b"], "none", [], "")), -1)
             x = x.view(-1, d) + o
         h = F.layer_norm(x, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps).to(dtype)
         h = _linear_pointwise(h, w["l1"], w["l1_b"], "gelu", [], "none")  # GELU (erf) fused into the GEMM
@@ -116,18 +116,25 @@ class CrissCrossLayer(nn.Module):
         return x.view(b, c, n, d)
 
     def _weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Inference weights in ``dtype``, cached; rebuilt when a parameter changes (version counter)."""
+        """Inference weights in ``dtype``, cached; rebuilt when a parameter changes (version counter).
+
+        The oneDNN GEMM weights are stored pre-packed (oneDNN's blocked layout, e.g. VNNI pairs for
+        bf16), which saves a weight reorder in every call.
+        """
         s, t = self.self_attn_s, self.self_attn_t
-        params = (s.in_proj_weight, s.in_proj_bias, t.in_proj_weight, t.in_proj_bias, s.out_proj.weight,
-                  s.out_proj.bias, t.out_proj.weight, t.out_proj.bias, self.linear1.weight, self.linear1.bias,
-                  self.linear2.weight, self.linear2.bias)
-        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params)
+        params = {"in_s": s.in_proj_weight, "in_s_b": s.in_proj_bias, "in_t": t.in_proj_weight,
+                  "in_t_b": t.in_proj_bias, "out_s": s.out_proj.weight, "out_s_b": s.out_proj.bias,
+                  "out_t": t.out_proj.weight, "out_t_b": t.out_proj.bias, "l1": self.linear1.weight,
+                  "l1_b": self.linear1.bias, "l2": self.linear2.weight, "l2_b": self.linear2.bias}
+        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params.values())
         cache = getattr(self, "_weight_cache", None)
         if cache is None or cache[0] != key:
-            names = ("in_s", "in_s_b", "in_t", "in_t_b", "out_s", "out_s_b", "out_t", "out_t_b", "l1", "l1_b",
-                     "l2", "l2_b")
-            w = {k: p.detach().to(dtype) for k, p in zip(names, params)}
-            w["out_b"] = torch.cat((s.out_proj.bias, t.out_proj.bias)).detach().to(dtype)
+            w = {k: p.detach().to(dtype) for k, p in params.items()}
+            w["out_b"] = torch.cat((w["out_s_b"], w["out_t_b"]))
+            for k in ("in_s", "in_t", "l1", "l2"):
+                w[k] = torch.ops.mkldnn._reorder_linear_weight(w[k], None)
+            for k in ("out_s", "out_t"):  # plain for addmm_, packed for the bf16-autocast linear
+                w[k + "_packed"] = torch.ops.mkldnn._reorder_linear_weight(w[k], None)
             cache = (key, w)
             self._weight_cache = cache  # plain attribute: not a buffer, never in the state dict
         return cache[1]
