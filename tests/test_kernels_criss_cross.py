@@ -1,0 +1,179 @@
+"""Triton criss-cross attention vs the PyTorch twin (reference.py): forward, backward, dropout.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set before Triton is imported), so shapes stay
+small. Tolerances: fp32 1e-5 absolute (forward and gradients, relative to the reference's max); fp16/bf16
+at most 2x (forward) / 3x (gradients) the error of PyTorch itself in that dtype against fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from cbramod_fast import CBraMod  # noqa: E402
+from cbramod_fast.kernels.criss_cross import (  # noqa: E402
+    criss_cross_attention_triton,
+    dropout_keep_mask,
+    new_seed,
+)
+from cbramod_fast.kernels.reference import criss_cross_attention  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 1, 1), (2, 1, 5), (1, 4, 1), (3, 3, 7), (1, 64, 2), (2, 19, 6), (1, 5, 33)]
+
+
+def _qkv(b, c, n, d=100, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # One (2, B, C, N, 3D) tensor sliced in two: the strided layout the encoder's batched GEMM produces.
+    base = torch.randn(2, b, c, n, 3 * d, generator=g).to(DEV, dtype).requires_grad_(True)
+    return base
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_forward_backward_match_reference(shape):
+    base = _qkv(*shape)
+    out = criss_cross_attention_triton(base[0], base[1], 4)
+    ref = criss_cross_attention(base[0], base[1], 4)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= 1e-5
+    g = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad(out, base, g)
+    (gb,) = torch.autograd.grad(ref, base, g)
+    assert _rel(ga, gb) <= 1e-5
+
+
+def test_odd_head_config_and_separate_tensors():
+    # 3 heads of dim 7 per half, qkv_s / qkv_t separate contiguous tensors of different widths.
+    g = torch.Generator().manual_seed(3)
+    qs = torch.randn(2, 3, 4, 3 * 21, generator=g, device=DEV, requires_grad=True)
+    qt = torch.randn(2, 3, 4, 3 * 12, generator=g, device=DEV, requires_grad=True)
+    out = criss_cross_attention_triton(qs, qt, 3)
+    ref = criss_cross_attention(qs, qt, 3)
+    assert out.shape == (2, 3, 4, 33) and (out - ref).abs().max().item() <= 1e-5
+    ga = torch.autograd.grad(out.sum(), (qs, qt))
+    gb = torch.autograd.grad(ref.sum(), (qs, qt))
+    assert max(_rel(a, b) for a, b in zip(ga, gb)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_within_pytorch_budget(dtype):
+    base32 = _qkv(2, 6, 5)
+    gold = criss_cross_attention(base32[0], base32[1], 4)
+    g = torch.randn_like(gold)
+    (ggold,) = torch.autograd.grad(gold, base32, g)
+    base = base32.detach().to(dtype).requires_grad_(True)
+    ours = criss_cross_attention_triton(base[0], base[1], 4)
+    torch_lp = criss_cross_attention(base[0], base[1], 4)
+    (gours,) = torch.autograd.grad(ours, base, g.to(dtype))
+    (gtorch,) = torch.autograd.grad(torch_lp, base, g.to(dtype))
+    assert ours.dtype == dtype
+    assert _rel(ours, gold) <= 2 * _rel(torch_lp, gold) + 1e-5
+    assert _rel(gours, ggold) <= 3 * _rel(gtorch, ggold) + 1e-5
+
+
+def test_gradcheck_float64():
+    base = torch.randn(2, 1, 3, 2, 3 * 8, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: criss_cross_attention_triton(t[0], t[1], 2), (base,),
+                                    eps=1e-6, atol=1e-5, nondet_tol=0.0)
+
+
+def _dropout_reference(base, heads, p, keep_s, keep_t):
+    """Attention with explicit keep masks (the kernels' draws), in plain PyTorch."""
+    def attend(qkv, keep, perm, inv):
+        b = qkv.shape[0]
+        q, k, v = (t.permute(*perm) for t in qkv.unflatten(-1, (3, heads, -1)).unbind(3))
+        s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+        pr = s.softmax(-1) * keep / (1 - p)
+        return (pr @ v).permute(*inv).flatten(-2)
+        del b
+
+    os_ = attend(base[0], keep_s, (0, 2, 3, 1, 4), (0, 3, 1, 2, 4))
+    ot = attend(base[1], keep_t, (0, 1, 3, 2, 4), (0, 1, 3, 2, 4))
+    return torch.cat((os_, ot), -1)
+
+
+def test_dropout_matches_explicit_mask_forward_and_backward():
+    b, c, n, p = 2, 5, 6, 0.3
+    base = _qkv(b, c, n)
+    seed = torch.tensor([1234], dtype=torch.int32, device=DEV)
+    out = criss_cross_attention_triton(base[0], base[1], 4, p, training=True, seed=seed)
+    keep_s, keep_t = dropout_keep_mask(b, c, n, 4, p, seed)
+    ref = _dropout_reference(base, 4, p, keep_s, keep_t)
+    assert (out - ref).abs().max().item() <= 1e-5
+    g = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad(out, base, g)
+    (gb,) = torch.autograd.grad(ref, base, g)
+    assert _rel(ga, gb) <= 1e-5
+    # the realised keep rate is 1 - p within 5 binomial standard deviations
+    for keep in (keep_s, keep_t):
+        k = keep.numel()
+        assert abs(keep.float().mean().item() - (1 - p)) <= 5 * (p * (1 - p) / k) ** 0.5
+
+
+def test_dropout_reproducible_per_seed_and_off_in_eval():
+    base = _qkv(1, 4, 4)
+    s1 = torch.tensor([7], dtype=torch.int32, device=DEV)
+    a = criss_cross_attention_triton(base[0], base[1], 4, 0.5, True, seed=s1)
+    b = criss_cross_attention_triton(base[0], base[1], 4, 0.5, True, seed=s1.clone())
+    c = criss_cross_attention_triton(base[0], base[1], 4, 0.5, True, seed=s1 + 1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(0)
+    d = criss_cross_attention_triton(base[0], base[1], 4, 0.5, True)
+    torch.manual_seed(0)
+    e = criss_cross_attention_triton(base[0], base[1], 4, 0.5, True)
+    assert torch.equal(d, e)
+    ev = criss_cross_attention_triton(base[0], base[1], 4, 0.5, training=False)
+    assert (ev - criss_cross_attention(base[0], base[1], 4)).abs().max().item() <= 1e-5
+    assert new_seed(DEV).dtype == torch.int32
+
+
+def test_bad_input():
+    x = torch.randn(1, 2, 3, 300, device=DEV)
+    with pytest.raises(ValueError, match="equal"):
+        criss_cross_attention_triton(x, torch.randn(1, 2, 4, 300, device=DEV), 4)
+    with pytest.raises(ValueError, match="3 \\* heads"):
+        criss_cross_attention_triton(x, x, 7)
+    with pytest.raises(ValueError, match="unit stride"):
+        y = torch.randn(1, 2, 3, 600, device=DEV)[..., ::2]
+        criss_cross_attention_triton(y, y, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        criss_cross_attention_triton(x.long(), x.long(), 4)
+
+
+def test_encoder_with_triton_backend_matches_fixtures():
+    model = CBraMod(n_layer=2, backend="triton").eval().to(DEV)
+    model.load_state_dict(torch.load(DATA / "cbramod_weights_seed3_layers2.pth"), strict=True)
+    params = dict(model.named_parameters())
+    for case in torch.load(DATA / "cbramod_cases_seed3_layers2.pt"):
+        x = case["x"].to(DEV).requires_grad_(True)
+        mask = None if case["mask"] is None else case["mask"].to(DEV)
+        out = model(x, mask)
+        assert (out.cpu() - case["out"]).abs().max().item() <= 1e-4
+        model.zero_grad()
+        (out * case["probe"].to(DEV)).sum().backward()
+        for key, ref in case["grads"].items():
+            got = (x.grad if key == "x" else params[key].grad).cpu()
+            assert _rel(got, ref) <= 1e-4, key
+
+
+def test_custom_op_compiles_fullgraph():
+    base = _qkv(1, 3, 4)
+
+    def f(t):
+        return criss_cross_attention_triton(t[0], t[1], 4)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert (compiled(base) - f(base)).abs().max().item() <= 1e-6
