@@ -17,15 +17,15 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from cbramod_fast import CBraMod  # noqa: E402
-from cbramod_fast.kernels.criss_cross import (  # noqa: E402
+from conftest import DATA
+
+from cbramod_fast import CBraMod
+from cbramod_fast.kernels.criss_cross import (
     criss_cross_attention_triton,
     dropout_keep_mask,
     new_seed,
 )
-from cbramod_fast.kernels.reference import criss_cross_attention  # noqa: E402
-
-from conftest import DATA  # noqa: E402
+from cbramod_fast.kernels.reference import criss_cross_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1, 1), (2, 1, 5), (1, 4, 1), (3, 3, 7), (1, 64, 2), (2, 19, 6), (1, 5, 33)]
@@ -93,12 +93,10 @@ def test_gradcheck_float64():
 def _dropout_reference(base, heads, p, keep_s, keep_t):
     """Attention with explicit keep masks (the kernels' draws), in plain PyTorch."""
     def attend(qkv, keep, perm, inv):
-        b = qkv.shape[0]
         q, k, v = (t.permute(*perm) for t in qkv.unflatten(-1, (3, heads, -1)).unbind(3))
         s = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
         pr = s.softmax(-1) * keep / (1 - p)
         return (pr @ v).permute(*inv).flatten(-2)
-        del b
 
     os_ = attend(base[0], keep_s, (0, 2, 3, 1, 4), (0, 3, 1, 2, 4))
     ot = attend(base[1], keep_t, (0, 1, 3, 2, 4), (0, 1, 3, 2, 4))
