@@ -697,6 +697,7 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
     return {
         "schema": SCHEMA, "created": created, "device": dev, "versions": versions(), "git": git_state(),
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "original": ({"path": cfg.original, **git_state(Path(cfg.original))} if cfg.original else None),
         "load_average": {"before": load_before, "after": os.getloadavg() if load_before else None},
         "model_config": mcfg.to_dict(), "input": "real 12-lead ECG (shipped CinC 2021 demo records), leads "
         "repeated to C channels, consecutive 1-s patches", "definitions": _definitions(), "results": rows,
@@ -765,6 +766,13 @@ def _repeats_text(doc: dict) -> str:
     return f"{span} interleaved rounds" + (" (auto)" if not doc["args"]["repeats"] else "")
 
 
+def _compile_text(doc: dict) -> str:
+    if not doc["args"].get("compile"):
+        return ""
+    firsts = [r["first_call_s"] for r in doc["results"] if r["first_call_s"] is not None]
+    return f", torch.compile (first calls incl. compilation: {min(firsts):.1f}–{max(firsts):.1f} s)" if firsts else ""
+
+
 def markdown_header(doc: dict) -> str:
     dev, ver, git = doc["device"], doc["versions"], doc["git"]
     commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
@@ -783,7 +791,7 @@ def markdown_header(doc: dict) -> str:
         (f"- preset `{a['preset']}` ({mcfg['n_layer']} layers, ff {mcfg['dim_feedforward']}); "
          f"{fl / 1e9:.2f} GFLOP per {a['shapes'][0][0]}×{a['shapes'][0][1]} sample forward; warm-up "
          f"{a['warmup']}, repeats {_repeats_text(doc)}"
-         f"{', torch.compile' if a.get('compile') else ''}"),
+         f"{_compile_text(doc)}"),
     ])
 
 

@@ -169,6 +169,18 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
     assert "| mode | C×N |" in printed and "cpu_tiny_infer-train.json" in printed
 
 
+@pytest.mark.gpu
+def test_tiny_run_cuda(tmp_path):
+    cfg = B.BenchConfig(device="cuda", preset="tiny", shapes=((4, 3),), batches=(1, 4), dtypes=("fp32", "bf16"),
+                        modes=("infer", "train"), repeats=5, out=str(tmp_path), quiet=True)
+    doc = B.run_bench(cfg)
+    assert doc["device"]["type"] == "cuda" and doc["device"]["peak_flops"]["method"]
+    for r in doc["results"]:
+        assert r["latency_s"]["p50"] > 0 and r["peak_mem_bytes"] > 0
+        assert r["rel_err_vs_fp32_reference"] < (1e-4 if r["dtype"] == "fp32" else 5e-2)
+    assert B.write_results(doc, tmp_path, plot=True)[0].name.startswith("cuda-")
+
+
 def _fake_original(root: Path) -> None:
     """A stand-in checkout with the original's import structure (models.cbramod imports a sibling module)."""
     (root / "models").mkdir(parents=True)
@@ -197,6 +209,7 @@ def test_original_variant_runs(tmp_path):
     doc = B.run_bench(cfg)
     orig = [r for r in doc["results"] if r["model"] == "original"]
     assert len(orig) == 1 and orig[0]["rel_err_vs_fp32_reference"] == 0.0  # same weights, same math
+    assert doc["original"]["path"] == str(tmp_path / "CBraMod") and "commit" in doc["original"]
 
 
 def test_readme_results_rendered_from_result_files():
