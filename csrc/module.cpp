@@ -5,9 +5,15 @@ namespace py = pybind11;
 
 namespace cbf {
 void register_patchify(py::module_& m);
+void register_filter(py::module_& m);
+void register_resample(py::module_& m);
+void register_preprocess(py::module_& m);
 }  // namespace cbf
 
 PYBIND11_MODULE(_ext, m) {
   m.doc() = "cbramod_fast native signal kernels (filtering, resampling, patching); GIL released";
   cbf::register_patchify(m);
+  cbf::register_filter(m);
+  cbf::register_resample(m);
+  cbf::register_preprocess(m);
 }
