@@ -53,13 +53,8 @@ def inputs():
 @pytest.mark.parametrize("mode", ["infer", "train"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_encoder(benchmark, models, inputs, variant, mode, dtype):
-    import copy
-
     x, mask = inputs
-    model = models[variant]
-    if mode == "train":
-        model = copy.deepcopy(model)
-    model = model.to(DEVICE).train(mode == "train")
+    model = models[variant]().to(DEVICE).train(mode == "train")
     backend = variant[5:-1] if variant.startswith("fast[") else None
     v = B.Variant(variant, "fast" if backend else variant, backend, dtype, model)
     if mode == "train":

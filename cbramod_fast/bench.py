@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import importlib
 import importlib.util
@@ -44,6 +43,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -404,33 +404,32 @@ class Variant:
     grad_rel_err: float | None = None
 
 
-def build_models(cfg: BenchConfig) -> dict[str, nn.Module]:
-    """One model per (kind, backend), all with the same weights (the fast model's seeded init)."""
+def build_models(cfg: BenchConfig) -> dict[str, Callable[[], nn.Module]]:
+    """A factory per variant model (fast per backend, reference, original), all giving the same weights.
+
+    Factories rather than instances: training variants need their own copy, and ``copy.deepcopy`` is not
+    safe on a model that caches backend-packed weights after a call.
+    """
     from . import CBraMod, ReferenceCBraMod
 
     mcfg = PRESETS[cfg.preset]
     args = {k: v for k, v in mcfg.to_dict().items() if k != "dropout"}
     torch.manual_seed(0)
-    models: dict[str, nn.Module] = {}
-    base = None
-    for b in cfg.backends:
-        m = CBraMod(**mcfg.to_dict(), backend=b)
-        if base is None:
-            base = m.state_dict()
-        else:
-            m.load_state_dict(base)
-        models[f"fast[{b}]"] = m
-    if base is None:
-        base = CBraMod(**mcfg.to_dict()).state_dict()
+    base = CBraMod(**mcfg.to_dict(), backend="torch").state_dict()  # the seeded init every variant gets
+
+    def make(cls: Callable[..., nn.Module], **kw) -> Callable[[], nn.Module]:
+        def factory() -> nn.Module:
+            m = cls(**kw)
+            m.load_state_dict(base)  # strict: same keys everywhere (the drop-in promise)
+            return m
+        return factory
+
+    factories = {f"fast[{b}]": make(CBraMod, **mcfg.to_dict(), backend=b) for b in cfg.backends}
     if cfg.reference:
-        ref = ReferenceCBraMod(**args)
-        ref.load_state_dict(base)
-        models["reference"] = ref
+        factories["reference"] = make(ReferenceCBraMod, **args)
     if cfg.original:
-        orig = load_original(cfg.original)(**args)
-        orig.load_state_dict(base)  # same keys as ours (that is the drop-in promise); strict
-        models["original"] = orig
-    return models
+        factories["original"] = make(load_original(cfg.original), **args)
+    return factories
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -565,18 +564,19 @@ def _interpreted(backend: str | None, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
-def bench_group(cfg: BenchConfig, models: dict[str, nn.Module], x: torch.Tensor, mode: str,
+def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x: torch.Tensor, mode: str,
                 progress=None) -> list[Variant]:
     """Warm up, check and time every variant on input ``x`` in ``mode``; returns the filled variants."""
     device = cfg.device
     gen = torch.Generator().manual_seed(1)
     mask = (torch.rand(x.shape[:3], generator=gen) < 0.5).to(device=device, dtype=torch.long)
     variants: list[Variant] = []
-    for name, base in models.items():
+    for name, factory in models.items():
         backend = name[5:-1] if name.startswith("fast[") else None
         kind = "fast" if backend else name
+        shared = factory() if mode == "infer" else None
         for dt in cfg.dtypes:
-            m = copy.deepcopy(base) if mode == "train" else base  # training steps change the weights
+            m = shared if shared is not None else factory()  # training steps change the weights: own copy
             m = m.to(device).train(mode == "train")
             if cfg.compile:
                 m = torch.compile(m)
@@ -589,7 +589,7 @@ def bench_group(cfg: BenchConfig, models: dict[str, nn.Module], x: torch.Tensor,
 
     # Error reference: the reference model (else the first model) in fp32, dropout off.
     ref_name = "reference" if "reference" in models else next(iter(models))
-    ref_model = copy.deepcopy(models[ref_name]).to(device)
+    ref_model = models[ref_name]().to(device)
     ref_v = Variant(ref_name, ref_name, None, "fp32", ref_model)
     ref_out, ref_grad = _check_pass(ref_v, x, mask, mode, device)
     del ref_model, ref_v
