@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cbramod_fast import CBraMod, cli
+from cbramod_fast import CBraMod, cli, kernels
 from cbramod_fast import bench as B
 from cbramod_fast.kernels import reference as kref
 from cbramod_fast.model.config import PRESETS
@@ -179,6 +181,22 @@ def test_tiny_run_cuda(tmp_path):
         assert r["latency_s"]["p50"] > 0 and r["peak_mem_bytes"] > 0
         assert r["rel_err_vs_fp32_reference"] < (1e-4 if r["dtype"] == "fp32" else 5e-2)
     assert B.write_results(doc, tmp_path, plot=True)[0].name.startswith("cuda-")
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not kernels.triton_available(),
+                    reason="CPU-only check of the Triton interpreter path; needs cbramod_fast.kernels.criss_cross")
+def test_triton_under_interpreter_is_checked_not_timed(tmp_path):
+    # TRITON_INTERPRET is read when kernels are defined, so the run gets its own process.
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cbramod_fast", "bench", "--preset", "tiny", "--shapes", "3x2",
+                           "--batch", "1", "--dtype", "fp32", "--backend", "torch,triton", "--repeats", "2",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "cpu_tiny_infer.json").read_text())["results"]
+    tri = [r for r in rows if r["backend"] == "triton"]
+    assert len(tri) == 1 and not tri[0]["timed"] and tri[0]["latency_s"] is None
+    assert tri[0]["rel_err_vs_fp32_reference"] < 1e-5
 
 
 def _fake_original(root: Path) -> None:
