@@ -106,23 +106,33 @@ def read_wfdb(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Reco
 
     path = Path(path)
     base = str(path.with_suffix("")) if path.suffix == ".hea" else str(path)
+    if _is_multi_segment(path.with_suffix(".hea")):
+        raise RecordError(f"{path}: multi-segment master header (its segments are read individually)")
     try:
-        header = wfdb.rdheader(base)
-        if getattr(header, "seg_name", None):
-            raise RecordError(f"{path}: multi-segment master header (its segments are read individually)")
         rec = wfdb.rdrecord(base, physical=True)
-    except RecordError:
-        raise
     except Exception as exc:  # wfdb raises many types for broken files; report them uniformly
         raise RecordError(f"{path}: unreadable WFDB record ({type(exc).__name__}: {exc})") from exc
     sig = rec.p_signal
     if sig is None or sig.ndim != 2:
         raise RecordError(f"{path}: no signal")
-    if header.sig_len and sig.shape[0] != header.sig_len:
-        raise RecordError(f"{path}: {sig.shape[0]} samples read, header says {header.sig_len} (truncated file?)")
+    if rec.sig_len and sig.shape[0] != rec.sig_len:
+        raise RecordError(f"{path}: {sig.shape[0]} samples read, header says {rec.sig_len} (truncated file?)")
     units = [u if u else "mV" for u in (rec.units or ["mV"] * sig.shape[1])]  # WFDB's default unit is mV
     return _assemble(rec.record_name, rec.fs, sig.shape[0], leads, list(rec.sig_name), units,
                      lambda i: sig[:, i], str(path))
+
+
+def _is_multi_segment(hea: Path) -> bool:
+    """True for a multi-segment master header (record line ``name/n_segments ...``); cheap, no pandas."""
+    try:
+        with open(hea, encoding="latin-1") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    return "/" in line.split()[0]
+    except OSError:
+        return False  # let wfdb report the problem
+    return False
 
 
 def read_edf(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Record:
