@@ -735,7 +735,8 @@ def _fmt(x, spec: str, none: str = "–") -> str:
 
 
 def _variant_label(r: dict) -> str:
-    return f"cbramod-fast ({r['backend']})" if r["model"] == "fast" else r["model"]
+    label = f"cbramod-fast ({r['backend']})" if r["model"] == "fast" else r["model"]
+    return label if r["timed"] else f"{label}, interpreter: error only"
 
 
 def markdown_table(doc: dict) -> str:
