@@ -548,16 +548,18 @@ def _check_pass(v: Variant, x: torch.Tensor, mask: torch.Tensor, mode: str, devi
         model.train(was_training)
 
 
-def _quantiles(xs: list[float]) -> dict:
+def _quantile(xs: list[float], p: float) -> float:
+    """Linear-interpolated quantile (numpy's default method)."""
     s = sorted(xs)
+    pos = p * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
-    def q(p: float) -> float:
-        pos = p * (len(s) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(s) - 1)
-        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(s) / len(s), "min": s[0], "max": s[-1]}
+def _quantiles(xs: list[float]) -> dict:
+    return {"p50": _quantile(xs, 0.5), "p90": _quantile(xs, 0.9), "p99": _quantile(xs, 0.99),
+            "mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
 
 
 def _interpreted(backend: str | None, device: str) -> bool:
@@ -660,6 +662,14 @@ def _add_speedups(rows: list[dict]) -> None:
         ok = r["latency_s"] is not None
         r["speedup_vs_reference"] = same["latency_s"]["p50"] / r["latency_s"]["p50"] if ok and same else None
         r["speedup_vs_reference_fp32"] = fp32["latency_s"]["p50"] / r["latency_s"]["p50"] if ok and fp32 else None
+        # Rounds are interleaved, so round i of both variants saw the same machine state: the spread of the
+        # per-round ratios says how much of the speed-up is noise.
+        r["speedup_vs_reference_rounds"] = None
+        if ok and same and len(same["times_s"]) == len(r["times_s"]):
+            ratios = [a / b for a, b in zip(same["times_s"], r["times_s"])]
+            q = _quantiles(ratios)
+            r["speedup_vs_reference_rounds"] = {"p10": _quantile(ratios, 0.1), "p50": q["p50"],
+                                                "p90": q["p90"]}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -714,6 +724,9 @@ def _definitions() -> dict:
                  "softmax, rFFT excluded); train = 3 x forward",
         "peak_mem": "bytes allocated above the pre-call level during one call (CUDA max_memory_allocated; CPU: "
                     "torch allocator high-water mark from torch.profiler memory events)",
+        "speedup": "reference p50 / variant p50 in the same dtype (and vs the fp32 reference); in brackets the "
+                   "10th-90th percentile of the per-round ratios (rounds are interleaved, so a round's variants "
+                   "share the machine state)",
         "rel_err": "|y - y_ref| / |y_ref| of the output (grad_rel_err: of all parameter gradients) vs the "
                    "reference model in fp32, dropout off, same input",
     }
@@ -739,6 +752,14 @@ def _variant_label(r: dict) -> str:
     return label if r["timed"] else f"{label}, interpreter: error only"
 
 
+def _speedup_text(r: dict) -> str:
+    text = _fmt(r["speedup_vs_reference"], ".2f")
+    rounds = r.get("speedup_vs_reference_rounds")
+    if rounds and r["model"] != "reference":
+        text += f" ({rounds['p10']:.2f}–{rounds['p90']:.2f})"
+    return text
+
+
 def markdown_table(doc: dict) -> str:
     """The result table of one run (used for the .md file and by bench/report.py for the README)."""
     lines = [("| mode | C×N | batch | variant | dtype | p50 ms | p90 ms | p99 ms | samples/s | GFLOP/s | "
@@ -756,7 +777,7 @@ def markdown_table(doc: dict) -> str:
             f"{_fmt(lat.get('p99') and lat['p99'] * 1e3, '.1f')} | {_fmt(r['samples_per_s'], '.1f')} | "
             f"{_fmt(r['flops_per_s'] and r['flops_per_s'] / 1e9, '.1f')} | "
             f"{_fmt(r['utilisation'] and r['utilisation'] * 100, '.1f')}{'' if r['utilisation'] is None else ' %'} | "
-            f"{_fmt(mem, '.1f')} | {_fmt(r['speedup_vs_reference'], '.2f')} | "
+            f"{_fmt(mem, '.1f')} | {_speedup_text(r)} | "
             f"{_fmt(r['speedup_vs_reference_fp32'], '.2f')} | {err} |")
     return "\n".join(lines)
 

@@ -165,6 +165,8 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
         if r["model"] == "reference":
             assert r["speedup_vs_reference"] == 1.0
         assert r["speedup_vs_reference"] > 0 and r["speedup_vs_reference_fp32"] > 0
+        rounds = r["speedup_vs_reference_rounds"]
+        assert rounds["p10"] <= rounds["p50"] <= rounds["p90"]
     md = (tmp_path / "cpu_tiny_infer-train.md").read_text()
     assert "| mode | C×N | batch | variant |" in md and md.count("| cbramod-fast (torch) |") == 8
     printed = capsys.readouterr().out
