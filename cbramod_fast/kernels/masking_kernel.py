@@ -115,8 +115,8 @@ def _launch_args(batch, channels, patches, patch_ratio, lead_ratio, generator, p
         present = present.to(device=device, dtype=torch.int8).contiguous()
     use_span = span is not None and span > 1
     span_v = span if use_span else 1
-    meta = dict(HAS_PRESENT=present is not None, SPAN=use_span, BC=triton.next_power_of_2(channels),
-                BN=triton.next_power_of_2(patches))
+    meta = {"HAS_PRESENT": present is not None, "SPAN": use_span, "BC": triton.next_power_of_2(channels),
+                "BN": triton.next_power_of_2(patches)}
     dummy = torch.zeros(1, device=device, dtype=torch.int8)
     args = (float(patch_ratio), float(lead_ratio), span_v, (patches + span_v - 1) // span_v + 1)
     return device, present if present is not None else dummy, args, meta
