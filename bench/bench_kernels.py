@@ -1,0 +1,68 @@
+"""Kernel benchmarks: Triton criss-cross attention vs the PyTorch twin (SDPA/bmm) on the same layout,
+forward and forward+backward, and the fused dual-masking kernel vs the PyTorch rule.
+
+    pytest bench/bench_kernels.py --benchmark-only        # CUDA only: timing the interpreter means nothing
+
+Inputs are the strided layout the encoder produces: one (2, B, C, N, 300) batched-GEMM output sliced into
+qkv_s / qkv_t, bf16 unless stated (the training dtype on GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel timings need a CUDA device")
+
+SHAPES = {"ecg12x10": (12, 10), "eeg19x30": (19, 30)}
+
+
+def _sync(fn):
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+@pytest.mark.parametrize("batch", [64, 256])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_attention(benchmark, impl, shape, batch, pass_):
+    from cbramod_fast.kernels.criss_cross import criss_cross_attention_triton
+    from cbramod_fast.kernels.reference import criss_cross_attention
+
+    c, n = SHAPES[shape]
+    base = torch.randn(2, batch, c, n, 300, device="cuda", dtype=torch.bfloat16, requires_grad=pass_ != "fwd")
+    fn = criss_cross_attention_triton if impl == "triton" else criss_cross_attention
+    benchmark.group = f"attention {pass_} {shape} B={batch}"
+
+    def step():
+        out = fn(base[0], base[1], 4)
+        if pass_ != "fwd":
+            out.backward(torch.ones_like(out))
+        return out
+
+    for _ in range(3):
+        step()
+    benchmark.pedantic(_sync(step), rounds=30, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_dual_mask(benchmark, impl):
+    from cbramod_fast.kernels.masking_kernel import apply_dual_mask
+    from cbramod_fast.masking import dual_mask_reference
+
+    x = torch.randn(256, 12, 10, 200, device="cuda", dtype=torch.bfloat16)
+    enc = torch.zeros(200, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    benchmark.group = "dual mask + masked input, B=256 12x10"
+
+    def step():
+        if impl == "triton":
+            return apply_dual_mask(x, enc, 0.5, 0.25, generator=gen)
+        m = dual_mask_reference(256, 12, 10, 0.5, 0.25, generator=gen)
+        return torch.where(m[..., None], enc, x), m
+
+    benchmark.pedantic(_sync(step), rounds=30, warmup_rounds=3)
