@@ -265,7 +265,8 @@ def cpu_peak() -> dict:
     512 bits with AVX-512, except AMD Zen 3/4 (family 25) which run AVX-512 on 256-bit pipes; 256 with
     AVX2/FMA, 128 otherwise. bf16/fp16: x2 with AVX512_BF16 / AVX512_FP16 dot products, 2048 FLOP/cycle
     with AMX, else the fp32 rate (converted). Clock: cpufreq max if exposed, else /proc/cpuinfo "cpu MHz".
-    An upper bound: turbo, thermal limits and other tenants are ignored.
+    The clock is the nominal one: with turbo the real peak is higher and utilisation is overstated; other
+    tenants are ignored (``gemm_flops_measured`` in the result file shows what a matmul got at the start).
     """
     info = _cpuinfo()
     flags = set(info.get("flags", "").split())
@@ -301,6 +302,20 @@ def gpu_peak(name: str) -> dict:
                     "method": f"data-sheet dense peak for {pattern!r}: bf16/fp16 {half} TFLOP/s, fp32 {fp32} "
                               "TFLOP/s (non-tensor-core; TF32 off)"}
     return {"fp32": None, "bf16": None, "fp16": None, "method": f"no peak table entry for {name!r}"}
+
+
+def measure_gemm(device: str, dtypes: tuple[str, ...]) -> dict:
+    """Best-of-5 FLOP/s of one square matmul per dtype: what this device delivers right now (a sanity check
+    of the data-sheet / SIMD peak, and under load the realistic ceiling)."""
+    n = 4096 if device == "cuda" else 1024
+    out = {}
+    for dt in dtypes:
+        a = torch.randn(n, n, device=device).to(DTYPES[dt])
+        b = torch.randn(n, n, device=device).to(DTYPES[dt])
+        torch.mm(a, b)
+        best = min(_timed_call(lambda a=a, b=b: torch.mm(a, b), device) for _ in range(5))
+        out[dt] = 2 * n**3 / best
+    return out
 
 
 def device_info(device: str) -> dict:
@@ -691,6 +706,7 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
     models = build_models(cfg)
     stream = demo_patch_stream()
     dev = device_info(cfg.device)
+    dev["gemm_flops_measured"] = measure_gemm(cfg.device, cfg.dtypes)
     peaks = dev["peak_flops"]
     rows: list[dict] = []
     groups = [(s, b, m) for m in cfg.modes for s in cfg.shapes for b in cfg.batches]
@@ -803,9 +819,12 @@ def markdown_header(doc: dict) -> str:
     a = doc["args"]
     fl = model_flops(CBraModConfig(**mcfg), *a["shapes"][0], 1, "infer") if a["shapes"] else None
     peaks = ", ".join(f"{k} {peak[k] / 1e9:.0f} GFLOP/s" for k in ("fp32", "bf16", "fp16") if peak.get(k))
+    gemm = dev.get("gemm_flops_measured") or {}
+    gemm_text = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items())
     return "\n".join([
         (f"- device: **{dev['name']}** ({dev['type']}, {dev['torch_threads']} torch threads of "
-         f"{dev['cpu_count']} CPUs); peak used for utilisation: {peaks or 'unknown'} — {peak['method']}"),
+         f"{dev['cpu_count']} CPUs); peak used for utilisation: {peaks or 'unknown'} — {peak['method']}"
+         + (f"; measured square-matmul rate at start: {gemm_text}" if gemm_text else "")),
         f"- torch {ver['torch']}, triton {ver.get('triton') or '–'}, python {ver['python']}; "
         f"commit {commit}; {doc['created']}"
         + (f"; 1-min load average {doc['load_average']['before'][0]:.1f} before, "
