@@ -42,7 +42,10 @@ class PatchEmbedding(nn.Module):
         # GroupNorm statistics span all C*N patches of a sample, so the conv stack sees one row per patch.
         h = self.proj_in(x.reshape(b, 1, c * n, p))  # (B, 25, C*N, 8)
         h = h.transpose(1, 2).reshape(b, c, n, self.d_model)  # feature = conv channel * 8 + position
-        spec = torch.fft.rfft(x, dim=-1, norm="forward").abs()
+        # pocketfft has no bf16/fp16 kernels: transform low-precision input in fp32 (native bf16 models).
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        spec = torch.fft.rfft(x.float() if low else x, dim=-1, norm="forward").abs()
+        spec = spec.to(x.dtype) if low else spec
         h = h + self.spectral_proj(spec)
         # (B, C, N, D) permuted to (B, D, C, N) is exactly channels_last: the depthwise conv reads it in place.
         pos = self.positional_encoding(h.permute(0, 3, 1, 2))
