@@ -3,6 +3,9 @@
     python bench/report.py            # rewrite README.md between the bench-results markers
     python bench/report.py --check    # exit 1 if README.md is not what the result files say
 
+Run it after committing new result files (bench/results/*.json) and commit README.md with them;
+``tests/test_bench.py`` checks the README against the result files as committed.
+
 Only ``cbramod-fast bench`` result files (schema ``cbramod-fast-bench/1``) are rendered; the tables are the
 same ``markdown_table`` the CLI prints, so no number in the README is typed by hand.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,22 +27,37 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- BEGIN bench-results -->", "<!-- END bench-results -->"
 
 
-def load_results(folder: Path = RESULTS) -> list[tuple[Path, dict]]:
-    docs = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"{path}: not valid JSON ({exc})")
-        if isinstance(doc, dict) and doc.get("schema") == SCHEMA:
-            docs.append((path, doc))
+def _keep(docs: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
+    docs = [(p, d) for p, d in docs if isinstance(d, dict) and d.get("schema") == SCHEMA]
     # CPU first, then GPUs; inference before training
     docs.sort(key=lambda pd: (pd[1]["device"]["type"] != "cpu", result_stem(pd[1])))
     return docs
 
 
-def render(folder: Path = RESULTS, root: Path = ROOT) -> str:
-    docs = load_results(folder)
+def load_results(folder: Path = RESULTS) -> list[tuple[Path, dict]]:
+    docs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            docs.append((path, json.loads(path.read_text())))
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{path}: not valid JSON ({exc})")
+    return _keep(docs)
+
+
+def load_committed(root: Path = ROOT) -> list[tuple[Path, dict]] | None:
+    """The result files as committed at HEAD (None outside a git checkout): what the README must show,
+    whatever fresh uncommitted runs left in bench/results."""
+    try:
+        names = subprocess.run(["git", "ls-files", "bench/results/*.json"], cwd=root, capture_output=True,
+                               text=True, check=True, timeout=30).stdout.split()
+        docs = [(root / n, json.loads(subprocess.run(["git", "show", f"HEAD:{n}"], cwd=root, capture_output=True,
+                                                     text=True, check=True, timeout=30).stdout)) for n in names]
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return _keep(docs)
+
+
+def render(docs: list[tuple[Path, dict]], root: Path = ROOT) -> str:
     if not docs:
         return "No result files yet: run `cbramod-fast bench` and then `python bench/report.py`."
     parts = []
@@ -68,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if README.md is stale instead of writing it")
     args = p.parse_args(argv)
     old = README.read_text()
-    new = splice(old, render())
+    new = splice(old, render(load_results()))
     if args.check:
         if new != old:
             print("README.md benchmark results are stale: run `python bench/report.py`", file=sys.stderr)
