@@ -58,7 +58,7 @@ SCHEMA = "cbramod-fast-bench/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 MODES = ("infer", "train")
-AUTO_BUDGET_S = 20.0  # per group: --repeats auto fits this many seconds of timed rounds (5..100 rounds)
+AUTO_BUDGET_S = 20.0  # per group: --repeats auto fits this many seconds of timed rounds (7..100 rounds)
 AUTO_MIN, AUTO_MAX = 7, 100
 DEMO_DATA = Path(__file__).resolve().parent / "data" / "ecg_demo"
 
