@@ -564,7 +564,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[PretrainConfig, dict]:
         cfg_file = Path(explicit["out"]) / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"--resume: {cfg_file} does not exist")
-        base = PretrainConfig(**json.loads(cfg_file.read_text()))
+        # --stop-at ends one session of a run; a resumed session runs to --steps unless given again.
+        base = replace(PretrainConfig(**json.loads(cfg_file.read_text())), stop_at=None)
     else:
         base = PretrainConfig()
         if "data" not in explicit:

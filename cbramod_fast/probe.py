@@ -281,31 +281,46 @@ def pretrain_variant(out_dir: Path, name: str, steps: int, preset: str = "small"
 
 
 def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 500, preset: str = "small",
-                   seed: int = 0) -> dict:
+                   seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Random init vs encoders pretrained with patch-only and with dual masking, same linear probe.
 
     Pretraining sees only the shipped demo sample (CinC 2021 + MIT-BIH 100): no window, subject or
-    patient of the probe tasks.
+    patient of the probe tasks. Each seed gives its own random init and its own pretraining runs (which
+    start from that same init); results are reported per seed and as mean and std over seeds.
     """
     from .model import CBraMod
     from .model.config import PRESETS
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed * 1_000_003)  # the initial weights the pretraining runs start from
-    models = {"random init": CBraMod(**PRESETS[preset].to_dict(), backend="torch")}
-    for name, kw in (("patch-only", {"patch_ratio": 0.5, "lead_ratio": 0.0}),
-                     ("dual", {"patch_ratio": 0.5, "lead_ratio": 0.25})):
-        run = pretrain_variant(out_dir, name, steps, preset, seed, **kw)
-        models[f"{name} pretrained"] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
-    report: dict = {"preset": preset, "pretrain_steps": steps, "seed": seed, "torch": torch.__version__,
-                    "pretrain_data": "cbramod_fast/data/ecg_demo (202 windows)", "tasks": {}}
-    for task, (desc, sub, loader) in TASKS.items():
-        w, y, groups = loader(Path(shared_dir) / sub)
-        results = [linear_probe(encoder_features(m, w.x, w.present), y, groups, name) for name, m in models.items()]
+    data = {task: loader(Path(shared_dir) / sub) for task, (_, sub, loader) in TASKS.items()}
+    per_seed: dict[str, dict[str, list[ProbeResult]]] = {task: {} for task in TASKS}
+    for seed in seeds:
+        torch.manual_seed(seed * 1_000_003)  # the initial weights the pretraining runs start from
+        models = {"random init": CBraMod(**PRESETS[preset].to_dict(), backend="torch")}
+        for name, kw in (("patch-only", {"patch_ratio": 0.5, "lead_ratio": 0.0}),
+                         ("dual", {"patch_ratio": 0.5, "lead_ratio": 0.25})):
+            run = pretrain_variant(out_dir / f"seed{seed}", name, steps, preset, seed, **kw)
+            models[f"{name} pretrained"] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
+        for task, (w, y, groups) in data.items():
+            for name, m in models.items():
+                r = linear_probe(encoder_features(m, w.x, w.present), y, groups, name)
+                per_seed[task].setdefault(name, []).append(r)
+    report: dict = {"preset": preset, "pretrain_steps": steps, "seeds": list(seeds), "torch": torch.__version__,
+                    "pretrain_data": "cbramod_fast/data/ecg_demo (CinC 2021 x25 + MIT-BIH 100)",
+                    "probe": "frozen encoder; per present lead mean+std over patches; standardised logistic "
+                             "regression (C=0.1, balanced classes)", "tasks": {}}
+    for task, (desc, _, _) in TASKS.items():
+        w, y, groups = data[task]
+        summary = {}
+        for name, rs in per_seed[task].items():
+            aucs, bals = [r.auc for r in rs], [r.balanced_accuracy for r in rs]
+            summary[name] = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
+                             "balanced_accuracy_mean": float(np.mean(bals)),
+                             "balanced_accuracy_std": float(np.std(bals)),
+                             "per_seed": [asdict(r) for r in rs]}
         report["tasks"][task] = {"description": desc, "n_windows": len(y), "n_positive": int(y.sum()),
-                                 "groups": sorted(set(groups.tolist())),
-                                 "results": [asdict(r) for r in results]}
+                                 "groups": sorted(set(groups.tolist())), "results": summary}
     tmp = out_dir / "probe.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out_dir / "probe.json")

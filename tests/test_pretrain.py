@@ -141,13 +141,18 @@ def test_export_loads_into_reference_strict(tmp_path, windows):
         torch.testing.assert_close(w2[k], v, rtol=0, atol=1e-6, msg=f"{k} not initialised from the export")
 
 
-def test_cli_demo_and_export(tmp_path, capsys):
-    run = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's main command, shortened: no --data, so it builds a corpus of the shipped sample."""
+    run = tmp_path_factory.mktemp("demo") / "run"
     rc = main(["pretrain", "--out", str(run), "--preset", "tiny", "--steps", "3", "--batch-size", "4",
                "--log-every", "1"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "demo mode" in out and "pretraining config" in out
+    return run
+
+
+def test_cli_demo_and_export(demo_run, tmp_path, capsys):
+    run = demo_run
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["preset"] == "tiny" and cfg["steps"] == 3 and cfg["data"] is None
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
@@ -156,8 +161,23 @@ def test_cli_demo_and_export(tmp_path, capsys):
     ReferenceCBraMod(dim_feedforward=200, n_layer=2).load_state_dict(torch.load(tmp_path / "enc.pth"), strict=True)
     # a finished run is not silently overwritten; resuming it with more steps continues it
     assert main(["pretrain", "--out", str(run), "--preset", "tiny", "--steps", "3"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
     assert main(["pretrain", "--out", str(run), "--resume", "--steps", "4"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_resume_identical_over_corpus(demo_run, tmp_path):
+    """End to end through the CLI and the memory-mapped CorpusLoader: 6 steps = 3 + resume + 3."""
+    corpus = demo_run / "corpus"
+    assert (corpus / "manifest.json").is_file(), "the demo did not build a corpus"
+    common = ["--data", str(corpus), "--preset", "tiny", "--steps", "6", "--batch-size", "8", "--accum", "2",
+              "--log-every", "1", "--ckpt-every", "3", "--warmup", "2", "--workers", "0", "--device", "cpu"]
+    assert main(["pretrain", *common, "--out", str(tmp_path / "a")]) == 0
+    assert main(["pretrain", *common, "--out", str(tmp_path / "b"), "--stop-at", "3"]) == 0
+    assert main(["pretrain", "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("argv,needle", [
