@@ -2,8 +2,7 @@
 #pragma once
 
 #include "common.hpp"
-#include "filtfilt.hpp"
-#include "polyphase.hpp"
+#include "dsp.hpp"
 
 namespace cbf {
 
