@@ -206,7 +206,7 @@ def test_broken_files_are_skipped_with_reason_or_fail_in_strict_mode(src, tmp_pa
     man = build_corpus([d], tmp_path / "c", CorpusConfig(shard_windows=4), progress=False)
     assert man["n_windows"] == 1 and man["counts"]["skipped_files"] == 2
     reasons = {s["file"]: s["error"] for s in man["skipped"]}
-    assert "unreadable WFDB record" in reasons["data_8_4.hea"] and "unreadable EDF" in reasons["junk.edf"]
+    assert "truncated file?" in reasons["data_8_4.hea"] and "unreadable EDF" in reasons["junk.edf"]
     with pytest.raises(RecordError, match="data_8_4.hea"):
         build_corpus([d], tmp_path / "strict", CorpusConfig(shard_windows=4), strict=True, progress=False)
     assert not (tmp_path / "strict" / "manifest.json").exists()

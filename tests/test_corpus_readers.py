@@ -11,10 +11,12 @@ import wfdb
 from cbramod_fast.corpus.readers import (
     STANDARD_LEADS,
     RecordError,
+    _read_wfdb_fast,
     find_records,
     normalize_lead,
     pick_leads,
     read_record,
+    unit_factor,
 )
 
 
@@ -122,8 +124,12 @@ def test_broken_files_name_the_file_and_the_problem(tmp_path, data):
     with open(tmp_path / "E07500.mat", "r+b") as f:
         f.truncate(50000)
     for rec in ("data_8_4.hea", "E07500.hea"):
-        with pytest.raises(RecordError, match=rf"{rec}: unreadable WFDB record"):
+        with pytest.raises(RecordError, match=rf"{rec}: .* samples per signal, header says \d+ \(truncated file\?\)"):
             read_record(tmp_path / rec)
+    # the same files through wfdb itself (the path for layouts the direct reader does not take)
+    for rec in ("data_8_4", "E07500"):
+        with pytest.raises(ValueError):
+            wfdb.rdrecord(str(tmp_path / rec))
     (tmp_path / "junk.edf").write_bytes(b"0       not an edf" * 20)
     with pytest.raises(RecordError, match="junk.edf: unreadable EDF"):
         read_record(tmp_path / "junk.edf")
@@ -132,6 +138,39 @@ def test_broken_files_name_the_file_and_the_problem(tmp_path, data):
         read_record(tmp_path / "orphan.hea")
     with pytest.raises(RecordError, match="none of the requested leads"):
         read_record(data / "data_8_4.hea", leads=("V1", "V2"))
+
+
+def _all_wfdb_headers(*folders) -> list:
+    return sorted(h for d in folders for h in d.glob("*.hea"))
+
+
+def _same_as_wfdb(hea) -> bool:
+    """Our record equals wfdb.rdrecord's (names, rate, units, physical values bit for bit); True if the direct
+    reader (not the wfdb fallback) produced it."""
+    fast = _read_wfdb_fast(hea)
+    ref = wfdb.rdrecord(str(hea.with_suffix("")))
+    rec = read_record(hea, leads=tuple(ref.sig_name))
+    np.testing.assert_array_equal(rec.signal, ref.p_signal.T * np.array([unit_factor(u, "") for u in ref.units])[:, None],
+                                  err_msg=str(hea))
+    assert rec.fs == ref.fs and rec.source_leads == ref.sig_name
+    if fast is not None:
+        name, fs, sig, names, units = fast
+        assert (name, fs, names, units) == (ref.record_name, ref.fs, ref.sig_name, ref.units)
+        np.testing.assert_array_equal(sig, ref.p_signal, err_msg=str(hea))
+    return fast is not None
+
+
+def test_direct_wfdb_reader_equals_wfdb(data):
+    took = [_same_as_wfdb(h) for h in _all_wfdb_headers(data)]
+    assert sum(took) == 5  # formats 16 (.dat and .mat with byte offset) and 212 all take the direct path
+
+
+@pytest.mark.shared
+def test_direct_wfdb_reader_equals_wfdb_on_all_shared_records(shared_dir):
+    d = shared_dir / "data"
+    heads = _all_wfdb_headers(*(p for p in d.iterdir() if p.is_dir()))
+    took = [_same_as_wfdb(h) for h in heads]
+    assert len(heads) == 40 and sum(took) == 39  # PTB's two signal files (.dat + .xyz) go through wfdb
 
 
 def test_find_records_is_sorted_and_recursive(tmp_path, data):
