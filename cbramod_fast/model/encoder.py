@@ -126,18 +126,25 @@ class CrissCrossLayer(nn.Module):
                   "in_t_b": t.in_proj_bias, "out_s": s.out_proj.weight, "out_s_b": s.out_proj.bias,
                   "out_t": t.out_proj.weight, "out_t_b": t.out_proj.bias, "l1": self.linear1.weight,
                   "l1_b": self.linear1.bias, "l2": self.linear2.weight, "l2_b": self.linear2.bias}
-        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in params.values())
-        cache = getattr(self, "_weight_cache", None)
-        if cache is None or cache[0] != key:
+        key = tuple((p.data_ptr(), p._version) for p in params.values())
+        # One entry per dtype, so alternating fp32 and bf16 calls do not repack every time. A plain
+        # attribute: not a buffer, never in the state dict, dropped when pickling (__getstate__).
+        caches = self.__dict__.setdefault("_weight_cache", {})
+        if dtype not in caches or caches[dtype][0] != key:
             w = {k: p.detach().to(dtype) for k, p in params.items()}
             w["out_b"] = torch.cat((w["out_s_b"], w["out_t_b"]))
             for k in ("in_s", "in_t", "l1", "l2"):
                 w[k] = torch.ops.mkldnn._reorder_linear_weight(w[k], None)
             for k in ("out_s", "out_t"):  # plain for addmm_, packed for the bf16-autocast linear
                 w[k + "_packed"] = torch.ops.mkldnn._reorder_linear_weight(w[k], None)
-            cache = (key, w)
-            self._weight_cache = cache  # plain attribute: not a buffer, never in the state dict
-        return cache[1]
+            caches[dtype] = (key, w)
+        return caches[dtype][1]
+
+    def __getstate__(self):
+        # Packed oneDNN tensors cannot be pickled or deep-copied; the cache is rebuilt on demand.
+        state = super().__getstate__().copy()
+        state.pop("_weight_cache", None)
+        return state
 
 
 class Encoder(nn.Module):
