@@ -64,7 +64,9 @@ def render(docs: list[tuple[Path, dict]], root: Path = ROOT) -> str:
     for path, doc in docs:
         a = doc["args"]
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-        title = (f"#### {doc['device']['name']} — {', '.join(a['modes'])}, preset `{a['preset']}` "
+        shapes = ", ".join(f"{c}×{n}" for c, n in a["shapes"])
+        title = (f"#### {doc['device']['name']} — {', '.join(a['modes'])} {shapes}, preset `{a['preset']}`"
+                 f"{' vs the original' if a.get('original') else ''} "
                  f"([`{rel}`]({rel}))")
         parts += [title, "", markdown_header(doc), "", markdown_table(doc), ""]
         png = path.with_suffix(".png")

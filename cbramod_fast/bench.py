@@ -755,8 +755,10 @@ def _definitions() -> dict:
 def result_stem(doc: dict) -> str:
     dev = doc["device"]
     slug = "cpu" if dev["type"] == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", dev["name"].lower()).strip("-")
-    suffix = "_original" if doc["args"].get("original") else ""
-    return f"{slug}_{doc['args']['preset']}_{'-'.join(doc['args']['modes'])}{suffix}"
+    a = doc["args"]
+    shapes = "-".join(f"{c}x{n}" for c, n in a["shapes"])
+    suffix = "_original" if a.get("original") else ""
+    return f"{slug}_{a['preset']}_{'-'.join(a['modes'])}_{shapes}{suffix}"
 
 
 def _fmt(x, spec: str, none: str = "–") -> str:

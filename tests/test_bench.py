@@ -141,8 +141,8 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
                      "--mode", "infer,train", "--repeats", "3", "--out", str(tmp_path), "--plot"])
     assert code == 0, capsys.readouterr().err
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["cpu_tiny_infer-train.json", "cpu_tiny_infer-train.md", "cpu_tiny_infer-train.png"]
-    doc = json.loads((tmp_path / "cpu_tiny_infer-train.json").read_text())
+    assert files == ["cpu_tiny_infer-train_4x3.json", "cpu_tiny_infer-train_4x3.md", "cpu_tiny_infer-train_4x3.png"]
+    doc = json.loads((tmp_path / "cpu_tiny_infer-train_4x3.json").read_text())
     assert doc["schema"] == B.SCHEMA
     for key in ("created", "device", "versions", "git", "args", "model_config", "definitions", "results"):
         assert key in doc
@@ -167,10 +167,10 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
         assert r["speedup_vs_reference"] > 0 and r["speedup_vs_reference_fp32"] > 0
         rounds = r["speedup_vs_reference_rounds"]
         assert rounds["p10"] <= rounds["p50"] <= rounds["p90"]
-    md = (tmp_path / "cpu_tiny_infer-train.md").read_text()
+    md = (tmp_path / "cpu_tiny_infer-train_4x3.md").read_text()
     assert "| mode | C×N | batch | variant |" in md and md.count("| cbramod-fast (torch) |") == 8
     printed = capsys.readouterr().out
-    assert "| mode | C×N |" in printed and "cpu_tiny_infer-train.json" in printed
+    assert "| mode | C×N |" in printed and "cpu_tiny_infer-train_4x3.json" in printed
 
 
 @pytest.mark.gpu
@@ -195,7 +195,7 @@ def test_triton_under_interpreter_is_checked_not_timed(tmp_path):
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "cpu_tiny_infer.json").read_text())["results"]
+    rows = json.loads((tmp_path / "cpu_tiny_infer_3x2.json").read_text())["results"]
     tri = [r for r in rows if r["backend"] == "triton"]
     assert len(tri) == 1 and not tri[0]["timed"] and tri[0]["latency_s"] is None
     assert tri[0]["rel_err_vs_fp32_reference"] < 1e-5
