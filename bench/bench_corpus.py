@@ -3,7 +3,7 @@
     pytest bench/bench_corpus.py            # writes bench/results/corpus_build_cpu.json
 
 Input: the 25 PhysioNet/CinC 2021 records shipped in ``cbramod_fast/data/ecg_demo`` (12 leads, 500 Hz,
-10 s, WFDB ``.mat``), linked 4× under different folder names = 100 records. Each timed run is a full
+10 s, WFDB ``.mat``), linked 8× under different folder names = 200 records. Each timed run is a full
 ``build_corpus`` into a fresh folder (read, µV, band-pass + resample + patch, windows, checks, float16
 shards with fsync, manifest). Variants are interleaved after a warm-up; medians with quartiles.
 """
@@ -26,7 +26,7 @@ from cbramod_fast.corpus.build import CorpusConfig, build_corpus
 
 RESULTS = Path(__file__).parent / "results"
 DEMO = Path(__file__).resolve().parents[1] / "cbramod_fast" / "data" / "ecg_demo"
-COPIES, WARMUP, REPEATS = 4, 1, 5
+COPIES, WARMUP, REPEATS = 8, 1, 5
 
 
 def _commit() -> str:

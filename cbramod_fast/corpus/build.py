@@ -232,8 +232,16 @@ def _fingerprint(cfg: CorpusConfig, sources: list[str], files: list[tuple[int, s
     return h.hexdigest()
 
 
+def _process_chunk(tasks: list[tuple]) -> list[FileResult]:
+    return [process_file(t) for t in tasks]
+
+
 def _results(tasks: list[tuple], workers: int):
-    """Yield ``process_file`` results in task order with at most ~4 per worker in flight (bounded memory)."""
+    """Yield ``process_file`` results in task order.
+
+    With a pool, files go out in chunks (one round trip per chunk, not per 10-s record) and at most
+    ~4 chunks per worker are in flight, so memory stays bounded however large the corpus.
+    """
     if workers <= 1:
         for t in tasks:
             yield process_file(t)
@@ -241,16 +249,17 @@ def _results(tasks: list[tuple], workers: int):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    size = max(1, min(16, len(tasks) // (8 * workers)))
+    chunks = (tasks[i:i + size] for i in range(0, len(tasks), size))
     ctx = mp.get_context("fork") if sys.platform.startswith("linux") else None
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-        it = iter(tasks)
-        pending = deque(ex.submit(process_file, t) for t in islice(it, 4 * workers))
+        pending = deque(ex.submit(_process_chunk, c) for c in islice(chunks, 4 * workers))
         while pending:
-            res = pending.popleft().result()
-            nxt = next(it, None)
+            done = pending.popleft().result()
+            nxt = next(chunks, None)
             if nxt is not None:
-                pending.append(ex.submit(process_file, nxt))
-            yield res
+                pending.append(ex.submit(_process_chunk, nxt))
+            yield from done
 
 
 class _Stats:
