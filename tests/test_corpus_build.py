@@ -153,7 +153,7 @@ def test_sigkilled_build_subprocess_resumes_exactly(tmp_path):
     while not (out / "x-00000.npy").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline
-        time.sleep(0.002)
+        time.sleep(0.001)
     proc.send_signal(os_signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
@@ -301,3 +301,30 @@ def test_multi_segment_master_header_is_skipped_not_doubled(src, tmp_path):
     man = build_corpus([d], tmp_path / "c", progress=False)
     assert [r["record"] for r in man["records"]] == ["data_8_4"]
     assert "multi-segment" in man["skipped"][0]["error"]
+
+
+def test_mixed_formats_and_notch(src, tmp_path):
+    """WFDB, EDF+ and .npz sources in one build; EDF/npz hold real ECG from the shipped WFDB records."""
+    from test_corpus_readers import _write_edf
+
+    d = tmp_path / "src"
+    d.mkdir()
+    shutil.copy(src / "E07500.hea", d / "E07500.hea")
+    shutil.copy(src / "E07500.mat", d / "E07500.mat")
+    cpsc = read_record(src / "data_8_4.hea", leads=("I", "II"))
+    _write_edf(d / "cpsc.edf", cpsc.signal, 200, ["ECG I", "ECG II"], "uV")
+    mit = read_record(src / "mitdb100_60s.hea", leads=("II", "V5"))
+    np.savez(d / "mit.npz", signal=mit.signal / 1000.0, fs=360.0, leads=np.array(["MLII", "V5"]), unit="mV")
+    cfg = CorpusConfig(leads=("I", "II", "V5"), shard_windows=64)
+    man = build_corpus([d], tmp_path / "c", cfg, progress=False)
+    assert {r["file"]: r["count"] for r in man["records"]} == {"E07500.hea": 1, "cpsc.edf": 4, "mit.npz": 6}
+    x, present = shard_arrays(tmp_path / "c")
+    assert present.tolist() == [[True, True, True]] + [[True, True, False]] * 4 + [[False, True, True]] * 6
+    # the npz (mV, MLII) and the WFDB original (µV after conversion) give the same windows
+    ref = build_corpus([src / "mitdb100_60s.hea"], tmp_path / "ref", cfg, progress=False)
+    assert ref["n_windows"] == 6
+    np.testing.assert_array_equal(shard_arrays(tmp_path / "ref")[0], x[5:])
+    notched = build_corpus([d], tmp_path / "n", CorpusConfig(leads=("I", "II", "V5"), notch=50.0), progress=False)
+    assert notched["config"]["notch"] == 50.0 and notched["n_windows"] == 11
+    xn = shard_arrays(tmp_path / "n")[0].astype(np.float32)
+    assert 0 < np.abs(xn - x.astype(np.float32)).max() < 0.5 * np.abs(x.astype(np.float32)).max()
