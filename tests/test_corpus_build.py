@@ -250,8 +250,9 @@ def test_cli_build_info_merge(src, tmp_path, capsys):
     assert main(["corpus", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n_windows"] == 13 and info["counts"]["records"] == 5
-    assert main(["corpus", "info", str(out)]) == 0
+    assert main(["corpus", "info", str(out), "--plot", str(tmp_path / "c.png")]) == 0
     assert "13 windows" in capsys.readouterr().out
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["corpus", "merge", str(out), "--out", str(tmp_path / "m")]) == 0
     assert main(["corpus", "build", "--src", str(src), "--out", str(tmp_path / "p"), "--part", "2/2"]) == 2
     assert "--part" in capsys.readouterr().err

@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     i = sub.add_parser("info", help="summary of a corpus (windows, leads, rejections, skipped files)")
     i.add_argument("corpus", metavar="CORPUS")
     i.add_argument("--json", action="store_true", help="print the manifest's summary fields as JSON")
+    i.add_argument("--plot", metavar="PNG", default=None,
+                   help="also draw a few random windows (all leads) and the per-lead / rejection counts")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps({k: man[k] for k in keep if k in man}, indent=1))
             else:
                 print(summary(man, args.corpus))
+            if args.plot:
+                print(f"wrote {plot_corpus(args.corpus, man, args.plot)}")
     except RecordError as exc:
         raise UsageError(str(exc)) from exc
     except ValueError as exc:
@@ -111,6 +115,46 @@ def summary(man: dict, where: str | Path) -> str:
     if len(man["skipped"]) > 10:
         lines.append(f"  ... {len(man['skipped']) - 10} more skipped files (see manifest.json)")
     return "\n".join(lines)
+
+
+def plot_corpus(corpus: str | Path, man: dict, png: str | Path, n_windows: int = 3, seed: int = 0) -> Path:
+    """PNG: ``n_windows`` random windows (present leads drawn, absent ones named grey) + counts per lead/reason."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .loader import CorpusLoader
+
+    loader = CorpusLoader(corpus, batch_size=min(n_windows, man["n_windows"]), seed=seed, drop_last=False)
+    batch = next(iter(loader))
+    x, present, idx = batch["x"].numpy(), batch["present"].numpy(), batch["index"].numpy()
+    leads, (n_ch, n_p, p) = man["leads"], man["shape"]
+    fig, axes = plt.subplots(1, len(x) + 1, figsize=(5 * (len(x) + 1), 0.45 * n_ch + 2.5), squeeze=False)
+    t = np.arange(n_p * p) / man["fs"]
+    for ax, xi, pi, gi in zip(axes[0], x, present, idx):
+        for c in range(n_ch):
+            y = xi[c].reshape(-1)
+            span = max(np.abs(y).max(), 1e-6)
+            color = "k" if pi[c] else "0.75"
+            ax.plot(t, -c + 0.45 * y / span, lw=0.6, color=color)
+        ax.set_yticks(-np.arange(n_ch), leads)
+        ax.set_xlabel("s")
+        ax.set_title(f"window {gi}")
+    ax = axes[0][-1]
+    per_lead = man["counts"]["windows_per_lead"]
+    ax.barh(-np.arange(n_ch), per_lead, color="C0")
+    ax.set_yticks(-np.arange(n_ch), leads)
+    rej = ", ".join(f"{k}: {v}" for k, v in man["counts"]["rejected"].items())
+    ax.set_title(f"windows with the lead present (of {man['n_windows']})\nrejected: {rej}", fontsize=8)
+    fig.tight_layout()
+    out = Path(png)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
 
 
 COMMANDS = {"corpus": (add_arguments, run)}

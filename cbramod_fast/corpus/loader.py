@@ -124,7 +124,8 @@ class CorpusLoader:
         if not path.is_file():
             raise FileNotFoundError(f"{self.dir}: no {MANIFEST} (not a finished corpus; run `cbramod-fast corpus "
                                     "build` to completion)")
-        self.manifest = json.loads(path.read_text())
+        # per-record provenance can be tens of MB on big corpora: the loader keeps only what it reads with
+        self.manifest = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("records", "skipped")}
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
             raise ValueError(f"CorpusLoader: bad batch_size={batch_size}, rank={rank}, world_size={world_size} "
                              f"or num_workers={num_workers}")
