@@ -413,6 +413,7 @@ class Variant:
     note: str = ""
     opt: torch.optim.Optimizer | None = None
     samples: list[float] = field(default_factory=list)
+    cpu_samples: list[float] = field(default_factory=list)  # CPU device: process CPU time per call
     first_call_s: float | None = None
     peak_mem: int | None = None
     rel_err: float | None = None
@@ -493,6 +494,13 @@ def _timed_call(step, device: str) -> float:
     t0 = time.perf_counter()
     step()
     return time.perf_counter() - t0
+
+
+def _timed_call_cpu(step) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds): on a shared machine CPU time leaves out the waits for a core."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    step()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 @contextlib.contextmanager
@@ -642,7 +650,12 @@ def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x:
     for r in range(repeats):
         order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []  # rotate: no fixed slot
         for v in order:
-            v.samples.append(_timed_call(steps[id(v)], device))
+            if device == "cpu":
+                wall, cpu = _timed_call_cpu(steps[id(v)])
+                v.samples.append(wall)
+                v.cpu_samples.append(cpu)
+            else:
+                v.samples.append(_timed_call(steps[id(v)], device))
         if progress is not None:
             progress.set_postfix_str(f"round {r + 1}/{repeats}")
     _sync(device)
@@ -660,10 +673,12 @@ def _row(cfg: BenchConfig, v: Variant, c: int, n: int, batch: int, mode: str, pe
         lat = _quantiles(v.samples)
         peak = peaks.get(v.dtype)
         row.update({"latency_s": lat, "samples_per_s": batch / lat["p50"], "flops_per_s": flops / lat["p50"],
-                    "utilisation": flops / lat["p50"] / peak if peak else None, "times_s": v.samples})
+                    "utilisation": flops / lat["p50"] / peak if peak else None, "times_s": v.samples,
+                    "cpu_time_s": _quantiles(v.cpu_samples) if v.cpu_samples else None,
+                    "cpu_times_s": v.cpu_samples})
     else:
         row.update({"latency_s": None, "samples_per_s": None, "flops_per_s": None, "utilisation": None,
-                    "times_s": []})
+                    "times_s": [], "cpu_time_s": None, "cpu_times_s": []})
     return row
 
 
@@ -685,6 +700,9 @@ def _add_speedups(rows: list[dict]) -> None:
             q = _quantiles(ratios)
             r["speedup_vs_reference_rounds"] = {"p10": _quantile(ratios, 0.1), "p50": q["p50"],
                                                 "p90": q["p90"]}
+        r["speedup_vs_reference_cpu_time"] = None
+        if ok and same and r.get("cpu_time_s") and same.get("cpu_time_s"):
+            r["speedup_vs_reference_cpu_time"] = same["cpu_time_s"]["p50"] / r["cpu_time_s"]["p50"]
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -743,6 +761,9 @@ def _definitions() -> dict:
         "speedup": "reference p50 / variant p50 in the same dtype (and vs the fp32 reference); in brackets the "
                    "10th-90th percentile of the per-round ratios (rounds are interleaved, so a round's variants "
                    "share the machine state)",
+        "cpu_time": "CPU device only: process CPU time (time.process_time) of the same timed calls; on a "
+                    "shared machine it leaves out the time spent waiting for a core, so its ratios are the "
+                    "steadier comparison",
         "rel_err": "|y - y_ref| / |y_ref| of the output (grad_rel_err: of all parameter gradients) vs the "
                    "reference model in fp32, dropout off, same input",
     }
@@ -781,8 +802,8 @@ def _speedup_text(r: dict) -> str:
 def markdown_table(doc: dict) -> str:
     """The result table of one run (used for the .md file and by bench/report.py for the README)."""
     lines = [("| mode | C×N | batch | variant | dtype | p50 ms | p90 ms | p99 ms | samples/s | GFLOP/s | "
-              "util. | peak MiB | × ref | × ref fp32 | rel. err |"),
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "util. | peak MiB | × ref | × ref fp32 | CPU-time p50 ms | × ref (CPU time) | rel. err |"),
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["results"]:
         lat = r["latency_s"] or {}
         err = _fmt(r["rel_err_vs_fp32_reference"], ".1e")
@@ -796,7 +817,9 @@ def markdown_table(doc: dict) -> str:
             f"{_fmt(r['flops_per_s'] and r['flops_per_s'] / 1e9, '.1f')} | "
             f"{_fmt(r['utilisation'] and r['utilisation'] * 100, '.1f')}{'' if r['utilisation'] is None else ' %'} | "
             f"{_fmt(mem, '.1f')} | {_speedup_text(r)} | "
-            f"{_fmt(r['speedup_vs_reference_fp32'], '.2f')} | {err} |")
+            f"{_fmt(r['speedup_vs_reference_fp32'], '.2f')} | "
+            f"{_fmt(r.get('cpu_time_s') and r['cpu_time_s']['p50'] * 1e3, '.1f')} | "
+            f"{_fmt(r.get('speedup_vs_reference_cpu_time'), '.2f')} | {err} |")
     return "\n".join(lines)
 
 

@@ -165,6 +165,7 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
         if r["model"] == "reference":
             assert r["speedup_vs_reference"] == 1.0
         assert r["speedup_vs_reference"] > 0 and r["speedup_vs_reference_fp32"] > 0
+        assert r["cpu_time_s"]["p50"] > 0 and len(r["cpu_times_s"]) == 3 and r["speedup_vs_reference_cpu_time"] > 0
         rounds = r["speedup_vs_reference_rounds"]
         assert rounds["p10"] <= rounds["p50"] <= rounds["p90"]
     md = (tmp_path / "cpu_tiny_infer-train_4x3.md").read_text()
