@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..signal import preprocess
 from .readers import STANDARD_LEADS, RecordError, find_records, read_record, source_path
 
 MANIFEST = "manifest.json"
@@ -114,8 +115,6 @@ def preprocess_record(rec, cfg: CorpusConfig, threads: int = 0) -> tuple[np.ndar
     patches and per-patch flags) on the present rows; rows of absent leads stay zero and unflagged. The flags
     are stacked in ``REJECT_REASONS`` order.
     """
-    from ..signal import preprocess
-
     rows = np.flatnonzero(rec.present)
     pp = preprocess(rec.signal[rows], rec.fs, band=cfg.band, notch=cfg.notch, fs_out=cfg.fs,
                     max_abs=cfg.max_abs_uv, scale=cfg.scale, patch=cfg.fs, threads=threads,
@@ -141,7 +140,7 @@ def process_file(task: tuple) -> FileResult:
             return res  # shorter than one window: a record with no windows, not an error
         patches, flags = preprocess_record(rec, cfg, threads)
         _cut_windows(res, patches, flags, rec.present, cfg)
-    except Exception as exc:  # noqa: BLE001 - one bad file must not end a 100k-file build: skipped, with reason
+    except (RecordError, ValueError, OSError) as exc:  # the file's fault: skipped with its reason; bugs propagate
         res.error = str(exc) if isinstance(exc, RecordError) else f"{rel}: {type(exc).__name__}: {exc}"
         res.x = res.present = None
         res.offsets = []
