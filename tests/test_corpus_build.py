@@ -210,6 +210,9 @@ def test_broken_files_are_skipped_with_reason_or_fail_in_strict_mode(src, tmp_pa
     with pytest.raises(RecordError, match="data_8_4.hea"):
         build_corpus([d], tmp_path / "strict", CorpusConfig(shard_windows=4), strict=True, progress=False)
     assert not (tmp_path / "strict" / "manifest.json").exists()
+    from cbramod_fast.cli import main
+
+    assert main(["corpus", "build", "--src", str(d), "--out", str(tmp_path / "s2"), "--strict", "--workers", "1"]) == 2
 
 
 def test_rejections_are_counted_per_reason(src, tmp_path):
