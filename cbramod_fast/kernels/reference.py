@@ -36,14 +36,15 @@ def _attend(qkv: torch.Tensor, heads: int, p: float) -> torch.Tensor:
     s, l, three_d = qkv.shape
     e = three_d // (3 * heads)
     if not (torch.is_grad_enabled() and qkv.requires_grad) and not torch.compiler.is_compiling():
-        # Inference: bf16/fp16 inputs are attended in fp32 (autocast off): more accurate, and faster on
-        # CPU, where softmax over short bf16 rows runs at half the fp32 speed. The caller casts back.
+        # Inference. The softmax accumulates in fp32 also for bf16/fp16 input (ATen's bf16 softmax over
+        # short rows runs at half the fp32 speed); the matmuls stay in the input dtype, as under autocast.
+        # Upcasting q|k|v instead costs no compute but large fp32 temporaries (page faults when glibc
+        # returns them to the OS between calls).
         with torch.autocast(qkv.device.type, enabled=False):
-            qkv = qkv.float()
             zero_bias = qkv.new_zeros(three_d)  # bias is already in qkv (layout contract)
             q, k, v = (t.flatten(0, 1) for t in torch._transform_bias_rescale_qkv(qkv.contiguous(), zero_bias,
                                                                                   heads))
-            attn = torch.bmm(q, k.transpose(1, 2)).softmax(-1)
+            attn = torch.bmm(q, k.transpose(1, 2)).softmax(-1, dtype=torch.float32).to(qkv.dtype)
             return torch.bmm(F.dropout(attn, p, True) if p > 0 else attn, v)
     q, k, v = qkv.unflatten(-1, (3, heads, e)).permute(2, 0, 3, 1, 4).reshape(3, s * heads, l, e).unbind(0)
     attn = torch.bmm(q * e ** -0.5, k.transpose(1, 2)).softmax(-1)
@@ -67,7 +68,7 @@ def criss_cross_attention(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int, 
     ot = _attend(qkv_t.reshape(b * c, n, -1), heads, p)  # (B*C*H, N, Et)
     os_ = os_.view(b, n, heads, c, -1).permute(0, 3, 1, 2, 4).flatten(-2)
     ot = ot.view(b, c, heads, n, -1).permute(0, 1, 3, 2, 4).flatten(-2)
-    return torch.cat((os_, ot), dim=-1).to(qkv_t.dtype)
+    return torch.cat((os_, ot), dim=-1)
 
 
 def criss_cross_attention_naive(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int) -> torch.Tensor:
