@@ -1,0 +1,246 @@
+"""`cbramod-fast evaluate` and `cbramod-fast predict`.
+
+    cbramod-fast evaluate eegmat ../shared/data/eeg_ecg_eegmat --out runs/eegmat
+    cbramod-fast evaluate dreamer DREAMER.mat --eeg-weights pretrained_weights.pth --ecg-weights ecg.pth --out runs/dreamer
+    cbramod-fast predict --model runs/eegmat/final --eeg-ecg trial.npz  (or an eegmat-style EDF)
+
+Outputs in --out: results.json (model -> target -> metric -> {mean, std, n_folds, pooled}, plus trial_*
+metrics and a "_meta" entry with seeds, weights, class balance), results.md, roc_<target>.png, and the
+trained fusion model of each fold (fold_XX/fusion.pt; --final adds final/fusion.pt trained on every
+subject). Encoder weights are stored once in encoders.pt beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cli import UsageError
+from ..fusion import FitConfig, FusionModel, embed_all, fit
+from ..model import CBraMod
+from . import datasets as ds
+from .protocol import EvalConfig, evaluate, markdown_table
+
+DEFAULT_THRESHOLD = {"dreamer": 3.0, "npz": 3.0, "eegmat": None}
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_encoder(weights: str | None, preset: str, seed: int, what: str) -> tuple[CBraMod, str]:
+    if weights:
+        return CBraMod.from_pretrained(weights, backend="torch").eval(), str(weights)
+    torch.manual_seed(seed)
+    warnings.warn(f"no --{what}-weights given: the {what.upper()} encoder is RANDOMLY INITIALISED "
+                  f"(preset {preset!r}); results measure a random-feature probe, not a pretrained model",
+                  stacklevel=2)
+    return CBraMod.from_config(preset, backend="torch").eval(), f"random init (preset {preset}, seed {seed})"
+
+
+def _roc_plot(preds: dict, targets: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    files = []
+    for j, t in enumerate(targets):
+        y = preds["y"][:, j]
+        if len(set(y.tolist())) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for name in ("fusion", "eeg", "ecg", "baseline"):
+            fpr, tpr, _ = roc_curve(y, preds[name][:, j])
+            ax.plot(fpr, tpr, label=name)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{t}: pooled held-out windows")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = out / f"roc_{t}.png"
+        _atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+        files.append(path.name)
+    return files
+
+
+def _save_fusion(model: FusionModel, path: Path, targets: list[str], thresholds: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoders.")}
+    payload = {"state": state, "use": list(model.cfg.use), "pooling": model.cfg.pooling, "head": model.cfg.head,
+               "num_outputs": model.cfg.num_outputs, "targets": targets, "thresholds": thresholds}
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def run_evaluate(args: argparse.Namespace) -> dict:
+    if args.dataset not in ds.LOADERS:
+        raise UsageError(f"unknown dataset {args.dataset!r}; expected one of {sorted(ds.LOADERS)}")
+    trials = ds.LOADERS[args.dataset](args.path)
+    targets = args.targets.split(",") if args.targets else sorted(trials[0].labels)
+    for t in targets:
+        if t not in trials[0].labels:
+            raise UsageError(f"target {t!r} not in the data's labels {sorted(trials[0].labels)}")
+    threshold = DEFAULT_THRESHOLD[args.dataset] if args.threshold is None else args.threshold
+    w = ds.make_windows(trials, args.window, baseline_correction=args.baseline_correction, progress=not args.quiet)
+    y = np.stack([ds.binarise(w.labels[t], threshold) for t in targets], axis=1)
+    eeg, eeg_src = load_encoder(args.eeg_weights, args.preset, args.seed, "eeg")
+    ecg, ecg_src = load_encoder(args.ecg_weights, args.preset, args.seed + 1, "ecg")
+    encoders = {"eeg": eeg, "ecg": ecg}
+    cfg = EvalConfig(scheme=args.scheme, k=args.k, seed=args.seed, pooling=args.pooling, head=args.head,
+                     baseline_correction=args.baseline_correction,
+                     fit=FitConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, seed=args.seed))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "encoders.pt", lambda tmp: torch.save(
+        {m: {"config": e.config.to_dict(), "state": e.state_dict(), "source": s}
+         for m, e, s in (("eeg", eeg, eeg_src), ("ecg", ecg, ecg_src))}, tmp))
+    thresholds = {t: threshold for t in targets}
+
+    def save_fold(i, fold):
+        _save_fusion(fold.models["fusion"], out / f"fold_{i:02d}" / "fusion.pt", targets, thresholds)
+
+    results, preds = evaluate(w, y, targets, encoders, cfg, progress=not args.quiet, on_fold=save_fold)
+    results["_meta"] = {
+        "dataset": args.dataset, "path": str(args.path), "targets": targets, "threshold": threshold,
+        "class_balance": {t: float(y[:, j].mean()) for j, t in enumerate(targets)},
+        "n_windows": len(y), "n_trials": len(trials), "n_subjects": len(set(w.subject.tolist())),
+        "window_s": args.window, "scheme": args.scheme, "seed": args.seed, "mode": args.mode,
+        "eeg_weights": eeg_src, "ecg_weights": ecg_src, "epochs": args.epochs,
+    }
+    _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, allow_nan=True)))
+    md = markdown_table({k: v for k, v in results.items() if not k.startswith("_")}, targets)
+    _atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(md + "\n"))
+    if not args.no_plots:
+        _roc_plot(preds, targets, out)
+    if args.final:
+        model = FusionModel(eeg, ecg, num_outputs=len(targets), pooling=args.pooling, head=args.head)
+        embs = {m: embed_all(model, m, getattr(w, m)) for m in ("eeg", "ecg")}
+        fit(model, y, cfg.fit, embs=embs) if args.mode == "frozen" else fit(
+            model, y, cfg.fit, windows={"eeg": w.eeg, "ecg": w.ecg})
+        _save_fusion(model, out / "final" / "fusion.pt", targets, thresholds)
+    if not args.quiet:
+        print(md)
+    return results
+
+
+def load_fusion(folder: str | Path) -> FusionModel:
+    """Rebuild a saved fusion model: ``folder`` is a fold_XX/ or final/ directory of an evaluate run."""
+    folder = Path(folder)
+    f = folder / "fusion.pt"
+    enc_file = folder.parent / "encoders.pt"
+    if not f.is_file() or not enc_file.is_file():
+        raise FileNotFoundError(f"{folder}: expected fusion.pt here and encoders.pt beside it")
+    payload = torch.load(f, map_location="cpu", weights_only=True)
+    enc = torch.load(enc_file, map_location="cpu", weights_only=True)
+    encoders = {}
+    for m in ("eeg", "ecg"):
+        e = CBraMod(**enc[m]["config"], backend="torch")
+        e.load_state_dict(enc[m]["state"])
+        encoders[m] = e.eval()
+    model = FusionModel(encoders["eeg"], encoders["ecg"], num_outputs=payload["num_outputs"],
+                        pooling=payload["pooling"], head=payload["head"], use=tuple(payload["use"]))
+    model.load_state_dict(payload["state"], strict=False)
+    model.targets = payload["targets"]
+    return model.eval()
+
+
+def run_predict(args: argparse.Namespace) -> dict:
+    model = load_fusion(args.model)
+    out = {}
+    for path in args.files:
+        p = Path(path)
+        if p.suffix.lower() == ".edf":
+            x, fs, labels = ds.read_edf(p)
+            eeg_i = [i for i, n in enumerate(labels) if n.upper().startswith("EEG") and "A2-A1" not in n.upper()]
+            ecg_i = [i for i, n in enumerate(labels) if n.upper().startswith("ECG")]
+            trial = ds.Trial("?", p.stem, x[eeg_i] if eeg_i else None, fs, x[ecg_i] if ecg_i else None, fs, {})
+        elif p.suffix.lower() == ".npz":
+            z = np.load(p)
+            trial = ds.Trial("?", p.stem, z.get("eeg", None), float(z.get("eeg_fs", 0)),
+                             z.get("ecg", None), float(z.get("ecg_fs", 0)), {})
+        else:
+            raise UsageError(f"{p}: expected an .edf or .npz trial file")
+        if args.no_ecg:
+            trial.ecg = None
+        if args.no_eeg:
+            trial.eeg = None
+        mods = {}
+        for m in ("eeg", "ecg"):
+            sig_ = getattr(trial, m)
+            if sig_ is not None:
+                patches = ds._patches(np.asarray(sig_, float), getattr(trial, f"{m}_fs"),
+                                      (0.3, 45.0) if m == "eeg" else (0.5, 45.0), None)
+                n = patches.shape[1] // args.window
+                if n == 0:
+                    raise UsageError(f"{p}: {m.upper()} shorter than one {args.window}-s window")
+                mods[m] = torch.from_numpy(patches[:, : n * args.window].reshape(
+                    patches.shape[0], n, args.window, 200).transpose(1, 0, 2, 3).copy())
+        if not mods:
+            raise UsageError(f"{p}: neither EEG nor ECG to predict from")
+        n = min(len(v) for v in mods.values())
+        prob = model.predict(**{m: v[:n] for m, v in mods.items()}).numpy()
+        out[str(p)] = {"windows": prob.tolist(), "trial": dict(zip(model.targets, prob.mean(0).tolist())),
+                       "modalities": sorted(mods)}
+    print(json.dumps(out if args.verbose else {k: v["trial"] for k, v in out.items()}, indent=2))
+    return out
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", choices=sorted(ds.LOADERS))
+    p.add_argument("path")
+    p.add_argument("--out", required=True)
+    p.add_argument("--eeg-weights")
+    p.add_argument("--ecg-weights")
+    p.add_argument("--preset", default="base", help="encoder size when no weights are given")
+    p.add_argument("--targets", help="comma-separated (default: all labels of the data)")
+    p.add_argument("--threshold", type=float, help="label > threshold is 'high' (default 3 for 1-5 scores)")
+    p.add_argument("--window", type=int, default=10, help="window length in seconds (= patches)")
+    p.add_argument("--scheme", choices=("loso", "kfold"), default="loso")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--mode", choices=("frozen", "finetune"), default="frozen")
+    p.add_argument("--pooling", choices=("mean", "attention"), default="mean")
+    p.add_argument("--head", choices=("mlp", "linear"), default="mlp")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline-correction", action="store_true")
+    p.add_argument("--final", action="store_true", help="also train one model on all subjects (for predict)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("files", nargs="+", help=".npz trial files (generic format) or eegmat-style EDFs")
+    p.add_argument("--model", required=True, help="fold_XX/ or final/ folder of an evaluate run")
+    p.add_argument("--window", type=int, default=10)
+    p.add_argument("--no-ecg", action="store_true", help="predict from EEG only")
+    p.add_argument("--no-eeg", action="store_true", help="predict from ECG only")
+    p.add_argument("--verbose", action="store_true", help="print per-window probabilities too")
+
+
+def _evaluate_cmd(args: argparse.Namespace) -> int:
+    run_evaluate(args)
+    return 0
+
+
+def _predict_cmd(args: argparse.Namespace) -> int:
+    run_predict(args)
+    return 0
+
+
+COMMANDS = {"evaluate": (_add_evaluate, _evaluate_cmd), "predict": (_add_predict, _predict_cmd)}
