@@ -219,6 +219,10 @@ def make_loader(cfg: PretrainConfig, run_dir: Path, rank: int, world: int):
     """The training loader: ``CorpusLoader`` over ``cfg.data`` (or the demo corpus)."""
     if cfg.data is None:
         try:
+            if rank == 0:
+                corpus = build_demo_corpus(run_dir / "corpus")
+            if world > 1:
+                torch.distributed.barrier()  # the other ranks wait for rank 0's build, then reuse it
             corpus = build_demo_corpus(run_dir / "corpus")
         except ImportError:
             # Corpus builder not available in this checkout: read the demo records in memory instead.
