@@ -47,7 +47,7 @@ def _attend(qkv: torch.Tensor, heads: int, p: float) -> torch.Tensor:
             attn = torch.bmm(q, k.transpose(1, 2)).softmax(-1, dtype=torch.float32).to(qkv.dtype)
             return torch.bmm(F.dropout(attn, p, True) if p > 0 else attn, v)
     q, k, v = qkv.unflatten(-1, (3, heads, e)).permute(2, 0, 3, 1, 4).reshape(3, s * heads, l, e).unbind(0)
-    attn = torch.bmm(q * e ** -0.5, k.transpose(1, 2)).softmax(-1)
+    attn = torch.bmm(q * e ** -0.5, k.transpose(1, 2)).softmax(-1, dtype=torch.float32).to(q.dtype)
     if p > 0:
         attn = F.dropout(attn, p, True)
     return torch.bmm(attn, v)
