@@ -178,7 +178,11 @@ def notch(x, fs: float, freq: float, q: float = 30.0, threads: int = 0) -> np.nd
 def resample_ratio(fs_in: float, fs_out: float) -> tuple[int, int]:
     """``(up, down)``: the reduced ratio ``fs_out / fs_in``; rates must be exact rationals (e.g. 360, 128.0,
     250.5), with ``max(up, down) <= 10000`` (scipy's filter has ``20 * max(up, down) + 1`` taps)."""
-    fs_in, fs_out = _check_fs(fs_in, "fs_in"), _check_fs(fs_out, "fs_out")
+    return _resample_ratio(_check_fs(fs_in, "fs_in"), _check_fs(fs_out, "fs_out"))
+
+
+@lru_cache(maxsize=256)
+def _resample_ratio(fs_in: float, fs_out: float) -> tuple[int, int]:
     ratio = Fraction(fs_out).limit_denominator(1000) / Fraction(fs_in).limit_denominator(1000)
     if abs(float(ratio) - fs_out / fs_in) > 1e-12 * fs_out / fs_in:
         raise ValueError(f"resample: cannot express fs_out/fs_in = {fs_out}/{fs_in} as a small rational")

@@ -208,3 +208,16 @@ def test_property_resample_matches_scipy(lead, t, fs_in, fs_out, dtype, seed):
     out = S.resample(x, fs_in, fs_out)
     assert out.dtype == dtype
     assert max_rel(out, ref) <= TOL[dtype]
+
+
+def test_concurrent_python_threads_get_their_own_results():
+    # the GIL is released inside: calls from several Python threads run together and must not mix state
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(8)
+    xs = [rng.standard_normal((5, 2000)) * (i + 1) for i in range(6)]
+    expected = [S.preprocess(x, 500, notch=50, threads=1).patches for x in xs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda x: S.preprocess(x, 500, notch=50, threads=2).patches, xs))
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(e, g)
