@@ -135,6 +135,28 @@ class FitConfig:
     seed: int = 0
 
 
+def _fit_head(model: FusionModel, yt: torch.Tensor, cfg: FitConfig, embs: dict[str, torch.Tensor], loss_fn,
+              g: torch.Generator) -> list[float]:
+    model.set_normalisation(embs)
+    params = [p for n, p in model.named_parameters() if not n.startswith("encoders.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    n, losses = len(yt), []
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        total = 0.0
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            loss = loss_fn(model.head_logits({m: embs[m][idx] for m in model.cfg.use}), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / n)
+    model.eval()
+    return losses
+
+
 def fit(model: FusionModel, y: np.ndarray, cfg: FitConfig, embs: dict[str, torch.Tensor] | None = None,
         windows: dict[str, np.ndarray] | None = None) -> list[float]:
     """Train ``model`` on labels ``y`` (W, num_outputs) in {0, 1}. Frozen mode takes cached ``embs``;
@@ -149,24 +171,13 @@ def fit(model: FusionModel, y: np.ndarray, cfg: FitConfig, embs: dict[str, torch
     if cfg.mode == "frozen":
         if embs is None:
             raise ValueError("frozen mode needs cached embeddings")
-        model.set_normalisation(embs)
-        params = [p for n, p in model.named_parameters() if not n.startswith("encoders.")]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        model.train()
-        n = len(yt)
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n, generator=g)
-            total = 0.0
-            for i in range(0, n, cfg.batch_size):
-                idx = perm[i : i + cfg.batch_size]
-                loss = loss_fn(model.head_logits({m: embs[m][idx] for m in model.cfg.use}), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            losses.append(total / n)
-        model.eval()
-        return losses
+        # The head is tiny: thread fan-out costs more than it saves (and collapses on a busy machine).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _fit_head(model, yt, cfg, embs, loss_fn, g)
+        finally:
+            torch.set_num_threads(threads)
     if cfg.mode != "finetune":
         raise ValueError(f"unknown fit mode {cfg.mode!r}")
     if windows is None:
