@@ -221,3 +221,26 @@ def test_concurrent_python_threads_get_their_own_results():
         got = list(pool.map(lambda x: S.preprocess(x, 500, notch=50, threads=2).patches, xs))
     for e, g in zip(expected, got):
         np.testing.assert_array_equal(e, g)
+
+
+@_PROP
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    seconds=st.floats(1.0, 4.0),
+    fs=st.sampled_from([128.0, 200.0, 250.0, 256.0, 360.0, 500.0, 512.0]),
+    notch=st.sampled_from([None, 50.0, 60.0]),
+    patch=st.sampled_from([50, 100, 200]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_preprocess_matches_scipy_chain(lead, seconds, fs, notch, patch, dtype, seed):
+    x = (np.random.default_rng(seed).standard_normal((*lead, int(seconds * fs))).cumsum(-1) * 30).astype(dtype)
+    y = ss.sosfiltfilt(sos_bp(fs), x, axis=-1)
+    if notch is not None:
+        y = ss.filtfilt(*ss.iirnotch(notch, 30.0, fs=fs), y, axis=-1)
+    y = ss.resample_poly(y, *S.resample_ratio(fs, 200), axis=-1) * 0.01
+    n = y.shape[-1] // patch
+    out = S.preprocess(x, fs, notch=notch, patch=patch)
+    assert out.patches.shape == (*lead, n, patch) and out.valid.shape == (*lead, n)
+    assert max_rel(out.patches, y[..., : n * patch].reshape(*lead, n, patch)) <= TOL[dtype]
+    assert out.valid.all()
