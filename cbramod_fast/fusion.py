@@ -135,19 +135,17 @@ class FitConfig:
     seed: int = 0
 
 
-def _fit_head(model: FusionModel, yt: torch.Tensor, cfg: FitConfig, embs: dict[str, torch.Tensor], loss_fn,
-              g: torch.Generator) -> list[float]:
-    model.set_normalisation(embs)
-    params = [p for n, p in model.named_parameters() if not n.startswith("encoders.")]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model.train()
+def _train_loop(model: FusionModel, opt, yt: torch.Tensor, cfg: FitConfig, g: torch.Generator, batch_loss,
+                ) -> list[float]:
+    """Mini-batch epochs; ``batch_loss(idx)`` returns the loss of the windows ``idx``."""
     n, losses = len(yt), []
     for _ in range(cfg.epochs):
+        model.train()
         perm = torch.randperm(n, generator=g)
         total = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = loss_fn(model.head_logits({m: embs[m][idx] for m in model.cfg.use}), yt[idx])
+            loss = batch_loss(idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -167,22 +165,26 @@ def fit(model: FusionModel, y: np.ndarray, cfg: FitConfig, embs: dict[str, torch
     # Class balance per output: positive weight keeps a skewed target from collapsing to one class.
     pos = yt.mean(0).clamp(0.05, 0.95)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=(1 - pos) / pos)
-    losses = []
+    use = model.cfg.use
     if cfg.mode == "frozen":
         if embs is None:
             raise ValueError("frozen mode needs cached embeddings")
+        model.set_normalisation(embs)
+        params = [p for n, p in model.named_parameters() if not n.startswith("encoders.")]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         # The head is tiny: thread fan-out costs more than it saves (and collapses on a busy machine).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return _fit_head(model, yt, cfg, embs, loss_fn, g)
+            return _train_loop(model, opt, yt, cfg, g, lambda idx: loss_fn(
+                model.head_logits({m: embs[m][idx] for m in use}), yt[idx]))
         finally:
             torch.set_num_threads(threads)
     if cfg.mode != "finetune":
         raise ValueError(f"unknown fit mode {cfg.mode!r}")
     if windows is None:
         raise ValueError("finetune mode needs the raw windows")
-    model.set_normalisation({m: embed_all(model, m, windows[m]) for m in model.cfg.use})
+    model.set_normalisation({m: embed_all(model, m, windows[m]) for m in use})
     enc_params, head_params = [], []
     for name, p in model.named_parameters():
         if name.startswith("encoders."):
@@ -194,19 +196,5 @@ def fit(model: FusionModel, y: np.ndarray, cfg: FitConfig, embs: dict[str, torch
             head_params.append(p)
     opt = torch.optim.AdamW([{"params": head_params, "lr": cfg.lr},
                              {"params": enc_params, "lr": cfg.lr * cfg.encoder_lr_scale}], weight_decay=cfg.weight_decay)
-    n = len(yt)
-    for _ in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(n, generator=g)
-        total = 0.0
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size].numpy()
-            inputs = {m: torch.from_numpy(windows[m][idx]) for m in model.cfg.use}
-            loss = loss_fn(model(**inputs), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / n)
-    model.eval()
-    return losses
+    return _train_loop(model, opt, yt, cfg, g, lambda idx: loss_fn(
+        model(**{m: torch.from_numpy(windows[m][idx.numpy()]) for m in use}), yt[idx]))
