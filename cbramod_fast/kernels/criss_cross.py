@@ -36,6 +36,13 @@ def _tile_ptrs(base_ptr, pid, X, h, E, s_b, s_x, s_l, BL: tl.constexpr, BE: tl.c
 
 
 @triton.jit
+def _load_qkv(QKV, pid, X, h, D, E, s_b, s_x, s_l, valid, BL: tl.constexpr, BE: tl.constexpr):
+    ptrs = _tile_ptrs(QKV, pid, X, h, E, s_b, s_x, s_l, BL, BE)
+    return (tl.load(ptrs, mask=valid, other=0.0), tl.load(ptrs + D, mask=valid, other=0.0),
+            tl.load(ptrs + 2 * D, mask=valid, other=0.0))
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # see _upcast(): the interpreter's bf16 dot is wrong, its fp32 dot is exact
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -64,10 +71,7 @@ def _cc_fwd_kernel(
     h = tl.program_id(1)  # head
     offs_l = tl.arange(0, BL)
     valid = (offs_l[:, None] < L) & (tl.arange(0, BE)[None, :] < E)
-    ptrs = _tile_ptrs(QKV, pid, X, h, E, s_qb, s_qx, s_ql, BL, BE)
-    q = tl.load(ptrs, mask=valid, other=0.0)
-    k = tl.load(ptrs + D, mask=valid, other=0.0)
-    v = tl.load(ptrs + 2 * D, mask=valid, other=0.0)
+    q, k, v = _load_qkv(QKV, pid, X, h, D, E, s_qb, s_qx, s_ql, valid, BL, BE)
 
     s = _dot(q, tl.trans(k), PREC, UPCAST) * scale  # (BL, BL) fp32
     s = tl.where(offs_l[None, :] < L, s, float("-inf"))
@@ -92,14 +96,11 @@ def _cc_bwd_kernel(
     HEADS: tl.constexpr, BL: tl.constexpr, BE: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
+    pid = tl.program_id(0)  # sequence index in [0, B*X)
+    h = tl.program_id(1)  # head
     offs_l = tl.arange(0, BL)
     valid = (offs_l[:, None] < L) & (tl.arange(0, BE)[None, :] < E)
-    ptrs = _tile_ptrs(QKV, pid, X, h, E, s_qb, s_qx, s_ql, BL, BE)
-    q = tl.load(ptrs, mask=valid, other=0.0)
-    k = tl.load(ptrs + D, mask=valid, other=0.0)
-    v = tl.load(ptrs + 2 * D, mask=valid, other=0.0)
+    q, k, v = _load_qkv(QKV, pid, X, h, D, E, s_qb, s_qx, s_ql, valid, BL, BE)
     optrs = _tile_ptrs(OUT + o_col, pid, X, h, E, s_ob, s_ox, s_ol, BL, BE)
     o = tl.load(optrs, mask=valid, other=0.0).to(tl.float32)
     do = tl.load(_tile_ptrs(DOUT + o_col, pid, X, h, E, s_ob, s_ox, s_ol, BL, BE), mask=valid, other=0.0)
