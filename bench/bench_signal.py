@@ -32,6 +32,7 @@ import numpy as np
 import scipy
 import scipy.signal as ss
 
+from cbramod_fast import _ext
 from cbramod_fast import signal as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,6 +188,7 @@ def run_signal_benchmark(warmup: int = 1, repeats: int = 7, copies: int = 8) -> 
         "load_avg_at_start": list(os.getloadavg()),
         "note": "shared, noisy machine (several engineers' jobs on 2 cores): compare ratios within this file",
         "commit": _commit(), "versions": {"numpy": np.__version__, "scipy": scipy.__version__},
+        "simd_path": _ext.simd_path(),
         "warmup": warmup, "repeats": repeats,
         "workloads": {"ecg_12lead_500hz_10s": bench_workload(
             f"{len(ecg)} real 12-lead 10-s 500 Hz ECG records (CinC 2021 demo x{copies})", ecg, 500.0, warmup,

@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -92,9 +94,14 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
+// The AVX2+FMA kernels when the CPU has them, unless CBRAMOD_FAST_SIMD=baseline (lets tests cover both).
 inline bool use_avx2() {
 #ifdef CBF_HAVE_AVX2_PATH
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = [] {
+    const char* env = std::getenv("CBRAMOD_FAST_SIMD");
+    if (env && std::string(env) == "baseline") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return ok;
 #else
   return false;

@@ -54,6 +54,8 @@ py::tuple filtfilt_impl(py::array_t<T, 0> x, DoubleArray sos, DoubleArray zi, in
 }
 
 void register_filter(py::module_& m) {
+  m.def("simd_path", [] { return std::string(use_avx2() ? "avx2+fma" : "baseline"); },
+        "Which build of the filtering/resampling kernels runs: 'avx2+fma' or 'baseline' (x86-64 SSE2 / generic)");
   m.def("filtfilt_f32", &filtfilt_impl<float>, py::arg("x"), py::arg("sos"), py::arg("zi"), py::arg("padlen"),
         py::arg("threads") = 0);
   m.def("filtfilt_f64", &filtfilt_impl<double>, py::arg("x"), py::arg("sos"), py::arg("zi"), py::arg("padlen"),

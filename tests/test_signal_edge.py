@@ -244,3 +244,27 @@ def test_property_preprocess_matches_scipy_chain(lead, seconds, fs, notch, patch
     assert out.patches.shape == (*lead, n, patch) and out.valid.shape == (*lead, n)
     assert max_rel(out.patches, y[..., : n * patch].reshape(*lead, n, patch)) <= TOL[dtype]
     assert out.valid.all()
+
+
+def test_baseline_simd_path_matches_scipy():
+    # the AVX2+FMA kernels run here when the CPU has them; the baseline build is what other CPUs get
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, scipy.signal as ss\n"
+        "from cbramod_fast import signal as S, _ext\n"
+        "assert _ext.simd_path() == 'baseline', _ext.simd_path()\n"
+        "x = np.random.default_rng(0).standard_normal((5, 3000)).cumsum(-1)\n"
+        "ref = ss.resample_poly(ss.filtfilt(*ss.iirnotch(50, 30, fs=500), ss.sosfiltfilt("
+        "ss.butter(4, [0.5, 45], 'bandpass', fs=500, output='sos'), x)), 2, 5, axis=-1)\n"
+        "out = S.preprocess(x, 500, notch=50, scale=1.0).patches.reshape(5, -1)\n"
+        "err = np.abs(out - ref[:, :1200]).max() / np.abs(ref).max()\n"
+        "assert err < 1e-6, err\n"
+        "print('ok', err)\n"
+    )
+    env = {**os.environ, "CBRAMOD_FAST_SIMD": "baseline"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
