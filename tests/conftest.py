@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads TRITON_INTERPRET when @triton.jit runs, for triton.language's own helpers (tl.max, tl.rand)
+    # as well as ours, i.e. when triton is first imported. Any test module (or torch.compile) may import it
+    # before the kernel tests, so it is set here, first: without CUDA the kernels run under the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"  # small copies shipped with the repo (fresh clones have no ../shared)
