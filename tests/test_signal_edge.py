@@ -133,6 +133,14 @@ def test_many_leading_dims_and_row_tail():
     np.testing.assert_allclose(out[1, 2, 4, 6], one, rtol=0, atol=1e-12)
 
 
+def test_huge_leading_dims_short_rows():
+    x = np.random.default_rng(9).standard_normal((16, 64, 64, 30)).astype(np.float32)  # 65536 rows of 30
+    out = S.bandpass(x, 250, 1, 40)
+    assert max_rel(out, ss.sosfiltfilt(sos_bp(250, 1, 40), x, axis=-1)) <= TOL[np.float32]
+    pre = S.preprocess(x, 250, fs_out=250, patch=10)
+    assert pre.patches.shape == (16, 64, 64, 3, 10) and pre.valid.shape == (16, 64, 64, 3)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_strided_fortran_and_reversed_views(dtype):
     base = np.random.default_rng(5).standard_normal((6, 8, 900)).astype(dtype)
