@@ -68,6 +68,24 @@ def test_odd_head_config_and_separate_tensors():
     assert max(_rel(a, b) for a, b in zip(ga, gb)) <= 1e-5
 
 
+def test_encoder_layouts_and_gradient_strides():
+    # The encoder's CPU path projects the spatial half in (B, N, C) row order: qkv_s is a transposed view.
+    # The gradients come back in the input's memory order, so autograd passes them through the views.
+    b, c, n = 2, 7, 3
+    g = torch.Generator().manual_seed(5)
+    qs = torch.randn(b, n, c, 300, generator=g, device=DEV).transpose(1, 2).requires_grad_(True)
+    wide = torch.randn(b, c, n, 600, generator=g, device=DEV)  # a last-dim slice: non-dense strides
+    qt = wide[..., 150:450].requires_grad_(True)
+    out = criss_cross_attention_triton(qs, qt, 4)
+    ref = criss_cross_attention(qs, qt, 4)
+    assert (out - ref).abs().max().item() <= 1e-5
+    w = torch.randn_like(ref)
+    ga = torch.autograd.grad(out, (qs, qt), w)
+    gb = torch.autograd.grad(ref, (qs, qt), w)
+    assert max(_rel(a, r) for a, r in zip(ga, gb)) <= 1e-5
+    assert ga[0].stride() == qs.stride() and ga[1].is_contiguous()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_error_within_pytorch_budget(dtype):
     base32 = _qkv(2, 6, 5)

@@ -31,7 +31,8 @@ def _within(observed, expected, n, k=5.0):
     return abs(observed - expected) <= k * sd + 1e-9
 
 
-@pytest.mark.parametrize("c, n, pr, lr", [(12, 10, 0.5, 0.25), (2, 30, 0.3, 0.5), (1, 16, 0.4, 0.9), (19, 3, 0.0, 0.2)])
+@pytest.mark.parametrize("c, n, pr, lr", [(12, 10, 0.5, 0.25), (2, 30, 0.3, 0.5), (1, 16, 0.4, 0.9), (19, 3, 0.0, 0.2),
+                                             (64, 5, 0.5, 0.1)])
 def test_ratios_match_expectation_and_reference(c, n, pr, lr):
     b = 256
     m = mk.dual_mask(b, c, n, pr, lr, generator=_gen(0)).cpu()
@@ -75,6 +76,19 @@ def test_reproducible_per_generator_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_reproducible_per_explicit_seed():
+    a = mk.dual_mask(3, 5, 7, 0.5, 0.3, seed=11, device=DEV)
+    assert torch.equal(a, mk.dual_mask(3, 5, 7, 0.5, 0.3, seed=11, device=DEV))
+    assert torch.equal(a, mk.dual_mask(3, 5, 7, 0.5, 0.3, seed=torch.tensor([11], dtype=torch.int32, device=DEV)))
+    assert not torch.equal(a, mk.dual_mask(3, 5, 7, 0.5, 0.3, seed=12, device=DEV))
+    x = torch.randn(3, 5, 7, 8, device=DEV)
+    assert torch.equal(mk.apply_dual_mask(x, torch.zeros(8, device=DEV), 0.5, 0.3, seed=11)[1], a)
+    with pytest.raises(ValueError, match="not both"):
+        mk.dual_mask(3, 5, 7, 0.5, 0.3, generator=_gen(1), seed=1)
+    with pytest.raises(ValueError, match="seed must be"):
+        mk.dual_mask(3, 5, 7, 0.5, 0.3, seed=2**31, device=DEV)
+
+
 def test_apply_writes_masked_input_and_mask_in_one_pass():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 5, 6, 200, generator=g).to(DEV)
@@ -94,6 +108,9 @@ def test_masked_mse_matches_torch():
     mask = torch.rand(2, 3, 4, generator=g).to(DEV) < 0.5
     ref = ((pred - target) ** 2)[mask].mean()
     assert abs(mk.masked_mse(pred, target, mask).item() - ref.item()) <= 1e-5 * ref.item()
+    sse, count = mk.masked_sse(pred, target, mask)
+    assert count.item() == mask.sum().item()
+    assert abs(sse.item() - ((pred - target) ** 2)[mask].sum().item()) <= 1e-5 * sse.item()
     assert mk.masked_mse(pred, target, torch.zeros_like(mask)).item() == 0.0
 
 

@@ -191,7 +191,9 @@ def _backward(grad_out, qkv_s, qkv_t, out, lse_s, lse_t, heads, dropout_p, seed)
     ds = qkv_s.shape[-1] // 3
     for i, (qkv, col, lse) in enumerate(((qkv_s, 0, lse_s), (qkv_t, ds, lse_t))):
         b = qkv.shape[0]
-        g = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        # Same memory order as the input (when it is dense): the view ops that made qkv then pass the
+        # gradient back as views, without a copy.
+        g = torch.empty_like(qkv)
         x, l_, d, e, sq, so = _half_args(qkv, out, heads, i == 0, col)
         _, _, s_gx, s_gl = _axes(g, i == 0)
         _cc_bwd_kernel[(b * x, heads)](
@@ -228,7 +230,7 @@ def _bwd_op(grad_out: torch.Tensor, qkv_s: torch.Tensor, qkv_t: torch.Tensor, ou
 
 @_bwd_op.register_fake
 def _(grad_out, qkv_s, qkv_t, out, lse_s, lse_t, heads, dropout_p, seed):
-    return qkv_s.new_empty(qkv_s.shape), qkv_t.new_empty(qkv_t.shape)
+    return torch.empty_like(qkv_s), torch.empty_like(qkv_t)
 
 
 def _setup_context(ctx, inputs, output):

@@ -3,7 +3,8 @@
 The rule is the one in ``cbramod_fast.masking`` (its docstring is the specification; ``dual_mask_reference``
 is the PyTorch twin). Same distribution, not the same random stream: the kernel draws from
 ``tl.rand(seed, offset)`` with one stream per purpose (lead draws, patch draws, span phases, span blocks),
-the seed being a device tensor drawn from torch's RNG (or from a ``torch.Generator``).
+the seed being a device tensor drawn from torch's RNG (or from a ``torch.Generator``), or given
+explicitly (``seed=``). Masks are returned as ``torch.bool`` (1 byte per cell, written as int8).
 
 One program owns one sample: it holds the sample's (C x N) mask in registers, which is what the
 "never mask every present lead" rescue needs, then streams the sample's patches, substituting
@@ -18,7 +19,7 @@ import triton.language as tl
 
 from ..masking import _check
 
-__all__ = ["apply_dual_mask", "dual_mask", "masked_mse"]
+__all__ = ["apply_dual_mask", "dual_mask", "masked_mse", "masked_sse"]
 
 # Independent random streams per purpose (added to the seed).
 _LEAD, _PATCH, _PHASE, _BLOCK = 0, 1, 2, 3
@@ -88,8 +89,8 @@ def _apply_kernel(SEED, PRESENT, MASK, X, ENC, OUT, C, N, P, patch_ratio, lead_r
 
 
 @triton.jit
-def _masked_mse_kernel(PRED, TARGET, MASK, PARTIAL, C, N, P, BN: tl.constexpr, BP: tl.constexpr):
-    # One program per (b, c): sum of squared errors over its masked patches (fp32), written to PARTIAL.
+def _masked_sse_kernel(PRED, TARGET, MASK, SSE, COUNT, N, P, BN: tl.constexpr, BP: tl.constexpr):
+    # One program per (b, c): sum of squared errors over its masked patches (fp32) and their number.
     bc = tl.program_id(0).to(tl.int64)
     offs_n = tl.arange(0, BN)
     offs_p = tl.arange(0, BP)
@@ -97,13 +98,28 @@ def _masked_mse_kernel(PRED, TARGET, MASK, PARTIAL, C, N, P, BN: tl.constexpr, B
     io = (offs_n[:, None] < N) & (offs_p[None, :] < P) & m[:, None]
     off = (bc * N + offs_n[:, None]) * P + offs_p[None, :]
     d = tl.load(PRED + off, mask=io, other=0.0).to(tl.float32) - tl.load(TARGET + off, mask=io, other=0.0).to(tl.float32)
-    tl.store(PARTIAL + bc, tl.sum(tl.sum(d * d, 1), 0))
+    tl.store(SSE + bc, tl.sum(tl.sum(d * d, 1), 0))
+    tl.store(COUNT + bc, tl.sum(m.to(tl.int32), 0))
 
 
 # -- host side --------------------------------------------------------------------------------------------
 
-def _seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    return torch.randint(0, 2**31 - 4, (1,), generator=generator, device=device, dtype=torch.int32)
+_SEED_MAX = 2**31 - 4  # the kernel adds stream numbers 0..3 to the int32 seed
+
+
+def _seed(generator: torch.Generator | None, device: torch.device,
+          seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    if seed is None:
+        return torch.randint(0, _SEED_MAX, (1,), generator=generator, device=device, dtype=torch.int32)
+    if generator is not None:
+        raise ValueError("dual_mask: pass either generator or seed, not both")
+    if torch.is_tensor(seed):
+        if seed.numel() != 1 or seed.dtype != torch.int32:
+            raise ValueError(f"dual_mask: a seed tensor must hold one int32, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(1).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_MAX:
+        raise ValueError(f"dual_mask: seed must be an int in [0, 2**31 - 4), got {seed!r}")
+    return torch.tensor([seed], device=device, dtype=torch.int32)
 
 
 def _launch_args(batch, channels, patches, patch_ratio, lead_ratio, generator, present, span, device):
@@ -124,18 +140,24 @@ def _launch_args(batch, channels, patches, patch_ratio, lead_ratio, generator, p
 
 def dual_mask(batch: int, channels: int, patches: int, patch_ratio: float, lead_ratio: float,
               generator: torch.Generator | None = None, present: torch.Tensor | None = None,
-              span: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-    """(B, C, N) bool dual mask drawn on the device (same signature as ``masking.dual_mask_reference``)."""
+              span: int | None = None, device: torch.device | str | None = None,
+              seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, N) bool dual mask drawn on the device (the signature of ``masking.dual_mask_reference``).
+
+    ``seed`` (instead of ``generator``): an int, or a one-element int32 device tensor (no host sync);
+    the same seed gives the same mask, also from ``apply_dual_mask``.
+    """
     device, present_t, args, meta = _launch_args(batch, channels, patches, patch_ratio, lead_ratio, generator,
                                                  present, span, device)
     mask = torch.empty(batch, channels, patches, device=device, dtype=torch.int8)
-    _dual_mask_kernel[(batch,)](_seed(generator, device), present_t, mask, channels, patches, *args, **meta)
+    _dual_mask_kernel[(batch,)](_seed(generator, device, seed), present_t, mask, channels, patches, *args, **meta)
     return mask.view(torch.bool)
 
 
 def apply_dual_mask(x: torch.Tensor, mask_encoding: torch.Tensor, patch_ratio: float, lead_ratio: float,
                     generator: torch.Generator | None = None, present: torch.Tensor | None = None,
-                    span: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    span: int | None = None, seed: int | torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw the dual mask for ``x`` (B, C, N, P) and return ``(x_masked, mask)`` from one kernel pass;
     masked patches hold ``mask_encoding`` (P,)."""
     if x.dim() != 4 or x.stride(-1) != 1:
@@ -148,21 +170,29 @@ def apply_dual_mask(x: torch.Tensor, mask_encoding: torch.Tensor, patch_ratio: f
                                                  x.device)
     mask = torch.empty(b, c, n, device=device, dtype=torch.int8)
     out = torch.empty((b, c, n, p), device=device, dtype=x.dtype)
-    _apply_kernel[(b,)](_seed(generator, device), present_t, mask, x, mask_encoding.contiguous(), out, c, n, p,
+    _apply_kernel[(b,)](_seed(generator, device, seed), present_t, mask, x, mask_encoding.contiguous(), out, c, n, p,
                         *args, x.stride(0), x.stride(1), x.stride(2), BP=triton.next_power_of_2(p), **meta)
     return out, mask.view(torch.bool)
+
+
+def masked_sse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of squared errors over the masked patches, number of masked patches)``, fp32 and int64
+    device scalars, from one kernel pass (no host sync). Forward only: for logging and evaluation."""
+    if pred.shape != target.shape or pred.dim() != 4 or tuple(mask.shape) != tuple(pred.shape[:3]):
+        raise ValueError(f"pred/target must be (B, C, N, P) and mask (B, C, N); got {tuple(pred.shape)}, "
+                         f"{tuple(target.shape)}, {tuple(mask.shape)}")
+    b, c, n, p = pred.shape
+    sse = torch.empty(b * c, device=pred.device, dtype=torch.float32)
+    count = torch.empty(b * c, device=pred.device, dtype=torch.int32)
+    m8 = mask.contiguous()
+    m8 = m8.view(torch.int8) if m8.dtype == torch.bool else m8.to(torch.int8)
+    _masked_sse_kernel[(b * c,)](pred.contiguous(), target.contiguous(), m8, sse, count, n, p,
+                                 BN=triton.next_power_of_2(n), BP=triton.next_power_of_2(p))
+    return sse.sum(), count.sum()
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the masked patches (fp32 scalar; 0 when nothing is masked). Forward only:
     for logging/evaluation, the training loss keeps autograd in PyTorch."""
-    if pred.shape != target.shape or pred.dim() != 4 or tuple(mask.shape) != tuple(pred.shape[:3]):
-        raise ValueError(f"pred/target must be (B, C, N, P) and mask (B, C, N); got {tuple(pred.shape)}, "
-                         f"{tuple(target.shape)}, {tuple(mask.shape)}")
-    b, c, n, p = pred.shape
-    partial = torch.empty(b * c, device=pred.device, dtype=torch.float32)
-    m8 = mask.to(torch.int8).contiguous()
-    _masked_mse_kernel[(b * c,)](pred.contiguous(), target.contiguous(), m8, partial, c, n, p,
-                                 BN=triton.next_power_of_2(n), BP=triton.next_power_of_2(p))
-    count = m8.sum().to(torch.float32) * p
-    return partial.sum() / count.clamp_min(1.0)
+    sse, count = masked_sse(pred, target, mask)
+    return sse / (count * pred.shape[-1]).clamp_min(1).to(torch.float32)
