@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -22,7 +24,9 @@ inline int resolve_threads(int requested, int64_t work_items) {
   return static_cast<int>(std::min<int64_t>(n, std::max<int64_t>(work_items, 1)));
 }
 
-// Run fn(begin, end) over [0, n) split into contiguous chunks, one per thread.
+// Run fn(begin, end) over [0, n) on `threads` threads (the caller's thread is one of them). Chunks are
+// handed out from a shared counter, about four per thread, so a thread the OS descheduled (a busy shared
+// machine) does not hold the whole call back; fn may allocate scratch per call, amortised over a chunk.
 // Exceptions in workers are re-thrown on the calling thread.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
@@ -31,20 +35,21 @@ void parallel_for(int64_t n, int threads, Fn fn) {
     fn(int64_t{0}, n);
     return;
   }
-  std::vector<std::thread> pool;
+  const int64_t grain = std::max<int64_t>(1, n / (int64_t{4} * threads));
+  std::atomic<int64_t> next{0};
   std::vector<std::exception_ptr> errors(threads);
-  const int64_t chunk = (n + threads - 1) / threads;
-  for (int t = 0; t < threads; ++t) {
-    const int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b >= e) break;
-    pool.emplace_back([&, t, b, e] {
-      try {
-        fn(b, e);
-      } catch (...) {
-        errors[t] = std::current_exception();
-      }
-    });
-  }
+  auto work = [&](int t) {
+    try {
+      for (int64_t b = next.fetch_add(grain); b < n; b = next.fetch_add(grain)) fn(b, std::min(n, b + grain));
+    } catch (...) {
+      errors[t] = std::current_exception();
+      next.store(n);  // stop handing out work
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  work(0);
   for (auto& th : pool) th.join();
   for (auto& err : errors)
     if (err) std::rethrow_exception(err);
