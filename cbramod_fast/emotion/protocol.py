@@ -164,7 +164,7 @@ def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y
         if len(set(y[tr, j].tolist())) < 2:
             base[:, j] = y[tr, j].mean()
             continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, class_weight="balanced"))
         base[:, j] = clf.fit(feats[tr], y[tr, j]).predict_proba(feats[te])[:, 1]
     probs["baseline"] = base
     return FoldOutput(test_subjects, tr, te, probs, models)
