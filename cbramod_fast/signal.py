@@ -27,6 +27,8 @@ _FLOAT_DTYPES = (np.float32, np.float64)
 def _as_float_array(x, name: str = "x") -> np.ndarray:
     """Return ``x`` as a float32/float64 ndarray, rejecting integer, bool and complex input."""
     arr = np.asarray(x)
+    if arr.dtype.kind == "f" and not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))  # big-endian files: one native copy
     if arr.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {arr.dtype}")
     if arr.ndim == 0:

@@ -160,6 +160,18 @@ def test_strided_fortran_and_reversed_views(dtype):
         np.testing.assert_array_equal(pre.patches, full.patches, err_msg=name)
 
 
+def test_read_only_memmap_and_big_endian_input(tmp_path):
+    x = np.random.default_rng(10).standard_normal((3, 1000))
+    ref = ss.sosfiltfilt(sos_bp(500, 1, 40), x, axis=-1)
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert max_rel(S.bandpass(mm, 500, 1, 40), ref) <= 1e-6
+    big = x.astype(">f8")
+    out = S.bandpass(big, 500, 1, 40)
+    assert out.dtype == np.float64 and max_rel(out, ref) <= 1e-6
+    assert S.preprocess(x.astype(">f4"), 500).patches.dtype == np.float32
+
+
 def test_up_equals_down_is_a_copy():
     x = np.random.default_rng(6).standard_normal((3, 500))
     for fs_in, fs_out in [(200, 200), (250.0, 250)]:
