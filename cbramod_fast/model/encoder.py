@@ -63,7 +63,10 @@ class CrissCrossLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        if not self.training and not (torch.is_grad_enabled() and (x.requires_grad or self.linear1.weight.requires_grad)):
+        # Any tensor that needs a gradient (input or any parameter, e.g. partial fine-tuning) -> plain ops.
+        no_autograd = not torch.is_grad_enabled() or not (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not self.training and no_autograd:
             dtype = _onednn_dtype(x, self.linear1.weight)
             if dtype is not None:
                 return self._forward_onednn(x, dtype, backend)
@@ -87,6 +90,7 @@ class CrissCrossLayer(nn.Module):
 
     def _forward_onednn(self, x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
         """Eval-mode forward without autograd on CPU (no dropout); same math as ``forward``."""
+        x = x.contiguous()  # the residual stream is used as a flat (T, d) matrix
         b, c, n, d = x.shape
         half = d // 2
         w = self._weights(dtype)
