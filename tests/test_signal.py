@@ -52,6 +52,8 @@ def noise():
         (S.bandpass, {"low": 0.5, "high": 45.0}, lambda fs: ss.butter(4, [0.5, 45.0], "bandpass", fs=fs, output="sos")),
         (S.bandpass, {"low": 5.0, "high": 15.0, "order": 2},
          lambda fs: ss.butter(2, [5.0, 15.0], "bandpass", fs=fs, output="sos")),
+        (S.bandpass, {"low": 1.0, "high": 30.0, "order": 7},  # 7 sections: the any-count kernel
+         lambda fs: ss.butter(7, [1.0, 30.0], "bandpass", fs=fs, output="sos")),
         (S.highpass, {"cutoff": 0.5}, lambda fs: ss.butter(4, 0.5, "highpass", fs=fs, output="sos")),
         (S.lowpass, {"cutoff": 40.0, "order": 5}, lambda fs: ss.butter(5, 40.0, "lowpass", fs=fs, output="sos")),
     ],
