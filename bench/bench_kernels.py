@@ -28,7 +28,7 @@ def _sync(fn):
 @pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd", "fwd+bwd p=0.1"])  # p: attention dropout, as in training
 def test_attention(benchmark, impl, shape, batch, pass_):
     from cbramod_fast.kernels.criss_cross import criss_cross_attention_triton
     from cbramod_fast.kernels.reference import criss_cross_attention
@@ -38,8 +38,10 @@ def test_attention(benchmark, impl, shape, batch, pass_):
     fn = criss_cross_attention_triton if impl == "triton" else criss_cross_attention
     benchmark.group = f"attention {pass_} {shape} B={batch}"
 
+    p = 0.1 if "p=0.1" in pass_ else 0.0
+
     def step():
-        out = fn(base[0], base[1], 4)
+        out = fn(base[0], base[1], 4, p, p > 0)
         if pass_ != "fwd":
             out.backward(torch.ones_like(out))
         return out

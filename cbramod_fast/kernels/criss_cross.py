@@ -152,7 +152,10 @@ def _prec(dtype: torch.dtype) -> str:
 def _upcast(dtype: torch.dtype) -> bool:
     # TRITON_INTERPRET runs tl.dot through numpy, which has no bfloat16 and returns garbage for it; there
     # (CPU tests only) bf16 operands are widened to fp32 before the dot. GPUs take the native bf16 path.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    if dtype != torch.bfloat16:
+        return False
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 parses the variable as the decorator does
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _axes(t: torch.Tensor, spatial: bool):
