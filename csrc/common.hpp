@@ -13,13 +13,28 @@
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
 namespace cbf {
 
 namespace py = pybind11;
 
-// Number of worker threads: `requested` if > 0, else the machine's cores.
+// Cores this process may run on: the affinity mask on Linux (containers and taskset narrow it), else
+// what the standard library reports.
+inline int available_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+}
+
+// Number of worker threads: `requested` if > 0, else the cores available, never more than the work items.
 inline int resolve_threads(int requested, int64_t work_items) {
-  int n = requested > 0 ? requested : static_cast<int>(std::thread::hardware_concurrency());
+  int n = requested > 0 ? requested : available_cores();
   if (n < 1) n = 1;
   return static_cast<int>(std::min<int64_t>(n, std::max<int64_t>(work_items, 1)));
 }

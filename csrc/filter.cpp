@@ -54,6 +54,7 @@ py::tuple filtfilt_impl(py::array_t<T, 0> x, DoubleArray sos, DoubleArray zi, in
 }
 
 void register_filter(py::module_& m) {
+  m.def("default_threads", &available_cores, "Threads used for threads=0: the cores this process may run on");
   m.def("simd_path", [] { return std::string(use_avx2() ? "avx2+fma" : "baseline"); },
         "Which build of the filtering/resampling kernels runs: 'avx2+fma' or 'baseline' (x86-64 SSE2 / generic)");
   m.def("filtfilt_f32", &filtfilt_impl<float>, py::arg("x"), py::arg("sos"), py::arg("zi"), py::arg("padlen"),

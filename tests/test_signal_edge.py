@@ -288,3 +288,12 @@ def test_baseline_simd_path_matches_scipy():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def test_default_threads_follow_the_affinity_mask():
+    import os
+
+    from cbramod_fast import _ext
+
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert _ext.default_threads() == expected
