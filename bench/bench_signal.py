@@ -142,14 +142,14 @@ def cpp_scratch_bytes(t: int, fs: float, threads: int) -> int:
 def bench_workload(name: str, batch: np.ndarray, fs: float, warmup: int, repeats: int, per_record: bool) -> dict:
     ref = ScipyPipeline(fs)
     err = float(np.abs(ours(fs, 0)(batch) - ref(batch)).max() / np.abs(ref(batch)).max())
-    variants = {"scipy": lambda: ref(batch), "ours threads=1": lambda: ours(fs, 1)(batch),
-                "ours threads=2": lambda: ours(fs, 2)(batch)}
+    # 1 and 2 threads everywhere; all available cores too on bigger machines
+    counts = sorted({1, 2, _ext.default_threads()})
+    variants = {"scipy": lambda: ref(batch)}
+    variants |= {f"ours threads={n}": (lambda n=n: ours(fs, n)(batch)) for n in counts}
     if per_record:
-        variants |= {
-            "scipy per-record loop": lambda: [ref(r) for r in batch],
-            "ours threads=1 per-record loop": lambda: [ours(fs, 1)(r) for r in batch],
-            "ours threads=2 per-record loop": lambda: [ours(fs, 2)(r) for r in batch],
-        }
+        variants["scipy per-record loop"] = lambda: [ref(r) for r in batch]
+        variants |= {f"ours threads={n} per-record loop": (lambda n=n: [ours(fs, n)(r) for r in batch])
+                     for n in counts}
     times, cpu = time_interleaved(variants, warmup, repeats)
     samples = batch.size
     rows = {}
@@ -188,7 +188,7 @@ def run_signal_benchmark(warmup: int = 1, repeats: int = 7, copies: int = 8) -> 
         "load_avg_at_start": list(os.getloadavg()),
         "note": "shared, noisy machine (several engineers' jobs on 2 cores): compare ratios within this file",
         "commit": _commit(), "versions": {"numpy": np.__version__, "scipy": scipy.__version__},
-        "simd_path": _ext.simd_path(),
+        "simd_path": _ext.simd_path(), "default_threads": _ext.default_threads(),
         "warmup": warmup, "repeats": repeats,
         "workloads": {"ecg_12lead_500hz_10s": bench_workload(
             f"{len(ecg)} real 12-lead 10-s 500 Hz ECG records (CinC 2021 demo x{copies})", ecg, 500.0, warmup,
