@@ -22,6 +22,7 @@ from conftest import DATA
 from cbramod_fast import CBraMod
 from cbramod_fast.kernels.criss_cross import (
     criss_cross_attention_triton,
+    criss_cross_attention_triton_packed,
     dropout_keep_mask,
     new_seed,
 )
@@ -100,6 +101,21 @@ def test_half_precision_error_within_pytorch_budget(dtype):
     assert ours.dtype == dtype
     assert _rel(ours, gold) <= 2 * _rel(torch_lp, gold) + 1e-5
     assert _rel(gours, ggold) <= 3 * _rel(gtorch, ggold) + 1e-5
+
+
+def test_packed_entry_same_results_one_gradient_buffer():
+    base = _qkv(2, 3, 5)
+    seed = torch.tensor([99], dtype=torch.int32, device=DEV)
+    for p in (0.0, 0.2):
+        out = criss_cross_attention_triton_packed(base, 4, p, training=True, seed=seed)
+        ref = criss_cross_attention_triton(base[0], base[1], 4, p, training=True, seed=seed)
+        assert torch.equal(out, ref)
+        g = torch.randn_like(ref)
+        assert torch.equal(torch.autograd.grad(out, base, g)[0], torch.autograd.grad(ref, base, g)[0])
+    # the packed op's backward feeds the leaf directly: no select backward (zero-filled buffers) between
+    assert [type(f).__name__ for f, _ in out.grad_fn.next_functions if f is not None] == ["AccumulateGrad"]
+    with pytest.raises(ValueError, match="2, B, C, N"):
+        criss_cross_attention_triton_packed(base[0], 4)
 
 
 def test_gradcheck_float64():

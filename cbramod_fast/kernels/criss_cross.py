@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["criss_cross_attention_triton", "dropout_keep_mask"]
+__all__ = ["criss_cross_attention_triton", "criss_cross_attention_triton_packed", "dropout_keep_mask"]
 
 
 @triton.jit
@@ -188,15 +188,17 @@ def _forward(qkv_s, qkv_t, heads, dropout_p, seed):
     return out, lses[0], lses[1]
 
 
-def _backward(grad_out, qkv_s, qkv_t, out, lse_s, lse_t, heads, dropout_p, seed):
+def _backward(grad_out, qkv_s, qkv_t, out, lse_s, lse_t, heads, dropout_p, seed, g_s=None, g_t=None):
+    """Gradients of both halves, written into ``g_s`` / ``g_t`` when given (views of a packed buffer)."""
     grad_out = grad_out.contiguous()  # same strides as `out` (contiguous), so one stride set serves both
     grads = []
     ds = qkv_s.shape[-1] // 3
-    for i, (qkv, col, lse) in enumerate(((qkv_s, 0, lse_s), (qkv_t, ds, lse_t))):
+    for i, (qkv, col, lse, g) in enumerate(((qkv_s, 0, lse_s, g_s), (qkv_t, ds, lse_t, g_t))):
         b = qkv.shape[0]
-        # Same memory order as the input (when it is dense): the view ops that made qkv then pass the
-        # gradient back as views, without a copy.
-        g = torch.empty_like(qkv)
+        if g is None:
+            # Same memory order as the input (when it is dense): the view ops that made qkv then pass the
+            # gradient back as views, without a copy.
+            g = torch.empty_like(qkv)
         x, l_, d, e, sq, so = _half_args(qkv, out, heads, i == 0, col)
         _, _, s_gx, s_gl = _axes(g, i == 0)
         _cc_bwd_kernel[(b * x, heads)](
@@ -217,7 +219,7 @@ def _fwd_op(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int, dropout_p: flo
 
 
 @_fwd_op.register_fake
-def _(qkv_s, qkv_t, heads, dropout_p, seed):
+def _fwd_fake(qkv_s, qkv_t, heads, dropout_p, seed):
     b, c, n, _ = qkv_s.shape
     out = qkv_s.new_empty(b, c, n, (qkv_s.shape[-1] + qkv_t.shape[-1]) // 3)
     return out, qkv_s.new_empty(b * n * heads * c, dtype=torch.float32), qkv_s.new_empty(
@@ -252,6 +254,48 @@ def _autograd_backward(ctx, grad_out, _grad_lse_s, _grad_lse_t):
 _fwd_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+# The packed variant takes the encoder's (2, B, C, N, 3D) batched-GEMM output whole. Same kernels; the only
+# difference is the backward, which fills one (2, ...) gradient: given qkv[0] / qkv[1] separately, autograd
+# would build a zero-filled (2, ...) tensor per half (select backward) and add the two.
+@torch.library.custom_op("cbramod_fast::criss_cross_packed_fwd", mutates_args=())
+def _packed_fwd_op(qkv: torch.Tensor, heads: int, dropout_p: float,
+                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(qkv[0], qkv[1], heads, dropout_p, seed)
+
+
+@_packed_fwd_op.register_fake
+def _(qkv, heads, dropout_p, seed):
+    return _fwd_fake(qkv[0], qkv[1], heads, dropout_p, seed)
+
+
+@torch.library.custom_op("cbramod_fast::criss_cross_packed_bwd", mutates_args=())
+def _packed_bwd_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse_s: torch.Tensor,
+                   lse_t: torch.Tensor, heads: int, dropout_p: float, seed: torch.Tensor) -> torch.Tensor:
+    g = torch.empty_like(qkv)
+    _backward(grad_out, qkv[0], qkv[1], out, lse_s, lse_t, heads, dropout_p, seed, g[0], g[1])
+    return g
+
+
+@_packed_bwd_op.register_fake
+def _(grad_out, qkv, out, lse_s, lse_t, heads, dropout_p, seed):
+    return torch.empty_like(qkv)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, heads, dropout_p, seed = inputs
+    out, lse_s, lse_t = output
+    ctx.save_for_backward(qkv, out, lse_s, lse_t, seed)
+    ctx.heads, ctx.dropout_p = heads, dropout_p
+
+
+def _packed_autograd_backward(ctx, grad_out, _grad_lse_s, _grad_lse_t):
+    qkv, out, lse_s, lse_t, seed = ctx.saved_tensors
+    return _packed_bwd_op(grad_out, qkv, out, lse_s, lse_t, ctx.heads, ctx.dropout_p, seed), None, None, None
+
+
+_packed_fwd_op.register_autograd(_packed_autograd_backward, setup_context=_packed_setup_context)
+
+
 # -- entry point ------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: gradcheck
@@ -283,12 +327,28 @@ def criss_cross_attention_triton(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads
     torch's RNG, so ``torch.manual_seed`` reproduces it).
     """
     _check(qkv_s, qkv_t, heads)
-    p = float(dropout_p) if training else 0.0
-    if p > 0 and seed is None:
-        seed = new_seed(qkv_s.device)
-    elif seed is None:
-        seed = torch.zeros(1, device=qkv_s.device, dtype=torch.int32)
+    p, seed = _dropout_args(dropout_p, training, seed, qkv_s.device)
     return _fwd_op(qkv_s, qkv_t, heads, p, seed)[0]
+
+
+def criss_cross_attention_triton_packed(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0,
+                                        training: bool = False, seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``criss_cross_attention_triton(qkv[0], qkv[1], ...)`` for a ``(2, B, C, N, 3D)`` tensor (both halves
+    of width D, e.g. the encoder's batched q|k|v GEMM output); the gradient of ``qkv`` is one tensor
+    written by the kernels, without the per-half zero-filled buffers and their sum."""
+    if qkv.dim() != 5 or qkv.shape[0] != 2:
+        raise ValueError(f"qkv must be (2, B, C, N, 3*D), got shape {tuple(qkv.shape)}")
+    _check(qkv[0], qkv[1], heads)
+    p, seed = _dropout_args(dropout_p, training, seed, qkv.device)
+    return _packed_fwd_op(qkv, heads, p, seed)[0]
+
+
+def _dropout_args(dropout_p: float, training: bool, seed: torch.Tensor | None,
+                  device: torch.device) -> tuple[float, torch.Tensor]:
+    p = float(dropout_p) if training else 0.0
+    if seed is None:
+        seed = new_seed(device) if p > 0 else torch.zeros(1, device=device, dtype=torch.int32)
+    return p, seed
 
 
 def dropout_keep_mask(batch: int, channels: int, patches: int, heads: int, dropout_p: float,
