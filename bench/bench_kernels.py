@@ -27,15 +27,19 @@ def _sync(fn):
 
 @pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "triton-packed", "torch"])
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd", "fwd+bwd p=0.1"])  # p: attention dropout, as in training
 def test_attention(benchmark, impl, shape, batch, pass_):
-    from cbramod_fast.kernels.criss_cross import criss_cross_attention_triton
+    from cbramod_fast.kernels.criss_cross import (
+        criss_cross_attention_triton,
+        criss_cross_attention_triton_packed,
+    )
     from cbramod_fast.kernels.reference import criss_cross_attention
 
     c, n = SHAPES[shape]
     base = torch.randn(2, batch, c, n, 300, device="cuda", dtype=torch.bfloat16, requires_grad=pass_ != "fwd")
-    fn = criss_cross_attention_triton if impl == "triton" else criss_cross_attention
+    fn = {"triton": criss_cross_attention_triton, "torch": criss_cross_attention,
+          "triton-packed": lambda qs, _qt, *a: criss_cross_attention_triton_packed(base, *a)}[impl]
     benchmark.group = f"attention {pass_} {shape} B={batch}"
 
     p = 0.1 if "p=0.1" in pass_ else 0.0
