@@ -6,7 +6,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <exception>
+#include <memory>
+#include <mutex>
+#include <system_error>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -39,10 +43,11 @@ inline int resolve_threads(int requested, int64_t work_items) {
   return static_cast<int>(std::min<int64_t>(n, std::max<int64_t>(work_items, 1)));
 }
 
-// Run fn(begin, end) over [0, n) on `threads` threads (the caller's thread is one of them). Chunks are
-// handed out from a shared counter, about four per thread, so a thread the OS descheduled (a busy shared
-// machine) does not hold the whole call back; fn may allocate scratch per call, amortised over a chunk.
-// Exceptions in workers are re-thrown on the calling thread.
+// Run fn(begin, end) over [0, n) on up to `threads` threads, the caller's included. Chunks (about four per
+// thread) come from a shared counter, so whoever runs takes the work. Helpers are detached: the caller waits
+// only for helpers that are inside a chunk, never for one the OS has not started yet (on a busy machine that
+// wait is a scheduler time slice, longer than a whole record's work); a late helper finds the call closed
+// and exits without touching fn. The first exception is re-thrown on the calling thread.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
   threads = resolve_threads(threads, n);
@@ -50,24 +55,51 @@ void parallel_for(int64_t n, int threads, Fn fn) {
     fn(int64_t{0}, n);
     return;
   }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    std::condition_variable cv;
+    bool closed = false;
+    int active = 0;
+    std::exception_ptr error;
+  };
+  auto st = std::make_shared<State>();
   const int64_t grain = std::max<int64_t>(1, n / (int64_t{4} * threads));
-  std::atomic<int64_t> next{0};
-  std::vector<std::exception_ptr> errors(threads);
-  auto work = [&](int t) {
+  auto run_chunks = [n, grain](State& s, Fn& f) {
     try {
-      for (int64_t b = next.fetch_add(grain); b < n; b = next.fetch_add(grain)) fn(b, std::min(n, b + grain));
+      for (int64_t b = s.next.fetch_add(grain); b < n; b = s.next.fetch_add(grain)) f(b, std::min(n, b + grain));
     } catch (...) {
-      errors[t] = std::current_exception();
-      next.store(n);  // stop handing out work
+      std::lock_guard<std::mutex> lk(s.mu);
+      if (!s.error) s.error = std::current_exception();
+      s.next.store(n);  // stop handing out work
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& th : pool) th.join();
-  for (auto& err : errors)
-    if (err) std::rethrow_exception(err);
+  for (int t = 1; t < threads; ++t) {
+    try {
+      std::thread([st, f = &fn, run_chunks] {
+        {
+          std::lock_guard<std::mutex> lk(st->mu);
+          if (st->closed) return;
+          ++st->active;
+        }
+        run_chunks(*st, *f);
+        {
+          std::lock_guard<std::mutex> lk(st->mu);
+          --st->active;
+        }
+        st->cv.notify_all();
+      }).detach();
+    } catch (const std::system_error&) {
+      break;  // no more threads available: the ones running (and the caller) do the work
+    }
+  }
+  run_chunks(*st, fn);
+  {
+    std::unique_lock<std::mutex> lk(st->mu);
+    st->closed = true;
+    st->cv.wait(lk, [&] { return st->active == 0; });
+  }
+  if (st->error) std::rethrow_exception(st->error);
 }
 
 }  // namespace cbf
