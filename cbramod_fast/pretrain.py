@@ -218,18 +218,11 @@ def build_demo_corpus(out_dir: Path) -> Path:
 def make_loader(cfg: PretrainConfig, run_dir: Path, rank: int, world: int):
     """The training loader: ``CorpusLoader`` over ``cfg.data`` (or the demo corpus)."""
     if cfg.data is None:
-        try:
-            if rank == 0:
-                corpus = build_demo_corpus(run_dir / "corpus")
-            if world > 1:
-                torch.distributed.barrier()  # the other ranks wait for rank 0's build, then reuse it
-            corpus = build_demo_corpus(run_dir / "corpus")
-        except ImportError:
-            # Corpus builder not available in this checkout: read the demo records in memory instead.
-            from .probe import read_wfdb_windows, records_in
-
-            w = read_wfdb_windows(records_in(DEMO_DATA))
-            return ArrayLoader(w.x, w.present, cfg.batch_size, cfg.seed, rank, world)
+        if rank == 0:
+            build_demo_corpus(run_dir / "corpus")
+        if world > 1:
+            torch.distributed.barrier()  # the other ranks wait for rank 0's build, then reuse it
+        corpus = build_demo_corpus(run_dir / "corpus")
     else:
         corpus = Path(cfg.data)
         if not corpus.is_dir():

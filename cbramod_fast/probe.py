@@ -7,7 +7,7 @@ Features: the frozen encoder's output (B, C, N, 200) averaged over patches, and 
 over patches, for each present lead; a standardised logistic regression on top.
 
 ``read_wfdb_windows`` is also the small in-memory reader the pretraining tests and the probe use:
-scipy filtering (the reference for the C++ pipeline), resampling to 200 Hz, µV/100 scaling.
+``signal.preprocess`` (band-pass, resampling to 200 Hz, µV/100 scaling) and fixed windows.
 """
 
 from __future__ import annotations
@@ -63,16 +63,13 @@ def windows_from_signal(sig_uv: np.ndarray, fs_rec: float, rec_leads: list[str],
                         leads: tuple[str, ...] = STANDARD_LEADS, window_s: int = 10, fs: int = 200,
                         band: tuple[float, float] = (0.5, 45.0), scale: float = 0.01,
                         max_abs: float = 80.0) -> Windows | None:
-    """Band-pass, resample to ``fs``, scale and cut one recording ``(C_rec, T)`` in µV into windows."""
-    from scipy.signal import butter, resample_poly, sosfiltfilt
+    """Band-pass, resample to ``fs``, scale and cut one recording ``(C_rec, T)`` in µV into windows
+    (the C++ pipeline, ``signal.preprocess``, as corpus building uses it)."""
+    from .signal import preprocess
 
-    fs_in = round(fs_rec)
-    sos = butter(4, band, btype="bandpass", fs=fs_in, output="sos")
-    sig = sosfiltfilt(sos, np.nan_to_num(sig_uv), axis=-1)
-    if fs_in != fs:
-        g = np.gcd(fs, fs_in)
-        sig = resample_poly(sig, fs // g, fs_in // g, axis=-1)
-    sig = sig * scale
+    pre = preprocess(np.nan_to_num(np.asarray(sig_uv, np.float64)), float(fs_rec), band=band, fs_out=fs,
+                     scale=scale)
+    sig = pre.patches.reshape(pre.patches.shape[0], -1)
     out = np.zeros((len(leads), sig.shape[-1]), np.float32)
     present = np.zeros(len(leads), bool)
     for i, lead in enumerate(leads):
