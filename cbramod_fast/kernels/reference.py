@@ -54,7 +54,7 @@ def criss_cross_attention(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int, 
     """Spatial (across C) and temporal (across N) multi-head attention, concatenated.
 
     Fastest when ``qkv_s`` is a ``(B, C, N, 3*Ds)`` view of ``(B, N, C, 3*Ds)`` memory and ``qkv_t`` is
-    contiguous: both attention batches are then plain views. Other strides work (one copy per half).
+    contiguous: both attention batches are then views of them. Other strides work (one extra copy).
     """
     p = dropout_p if training else 0.0
     b, c, n, _ = qkv_s.shape

@@ -19,7 +19,11 @@ from torch import nn
 from ..kernels import criss_cross_attention
 from .config import CBraModConfig
 
-_linear_pointwise = torch.ops.mkldnn._linear_pointwise
+try:  # private oneDNN ops (the ones Inductor's CPU freezing passes use); absent -> plain-op path only
+    _linear_pointwise = torch.ops.mkldnn._linear_pointwise
+    _reorder_linear_weight = torch.ops.mkldnn._reorder_linear_weight
+except (AttributeError, RuntimeError):
+    _linear_pointwise = _reorder_linear_weight = None
 
 
 def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -28,7 +32,8 @@ def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     bf16 autocast is honoured by hand (the mkldnn ops are not autocast-aware): GEMMs in bf16, the
     residual stream kept in x's dtype as autocast would.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
+    if (x.device.type != "cpu" or _linear_pointwise is None or torch.compiler.is_compiling()
+            or not torch.backends.mkldnn.is_available()):
         return None
     if torch.is_autocast_enabled("cpu"):
         return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
@@ -138,9 +143,9 @@ class CrissCrossLayer(nn.Module):
             w = {k: p.detach().to(dtype) for k, p in params.items()}
             w["out_b"] = torch.cat((w["out_s_b"], w["out_t_b"]))
             for k in ("in_s", "in_t", "l1", "l2"):
-                w[k] = torch.ops.mkldnn._reorder_linear_weight(w[k], None)
+                w[k] = _reorder_linear_weight(w[k], None)
             for k in ("out_s", "out_t"):  # plain for addmm_, packed for the bf16-autocast linear
-                w[k + "_packed"] = torch.ops.mkldnn._reorder_linear_weight(w[k], None)
+                w[k + "_packed"] = _reorder_linear_weight(w[k], None)
             caches[dtype] = (key, w)
         return caches[dtype][1]
 
