@@ -194,7 +194,7 @@ def test_triton_under_interpreter_is_checked_not_timed(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cbramod_fast", "bench", "--preset", "tiny", "--shapes", "3x2",
                            "--batch", "1", "--dtype", "fp32", "--backend", "torch,triton", "--repeats", "2",
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+                          check=False, cwd=tmp_path)  # not the checkout: its source tree has no built _ext
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "cpu_tiny_infer_3x2.json").read_text())["results"]
     tri = [r for r in rows if r["backend"] == "triton"]

@@ -148,7 +148,8 @@ def test_sigkilled_build_subprocess_resumes_exactly(tmp_path):
     cmd = [sys.executable, "-m", "cbramod_fast", "corpus", "build", "--src", str(DEMO), "--out", str(out),
            "--shard-windows", "8", "--workers", "1"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    # cwd outside the checkout: `-m` puts the cwd first on sys.path, and the source tree has no built _ext
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not (out / "x-00000.npy").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -160,7 +161,7 @@ def test_sigkilled_build_subprocess_resumes_exactly(tmp_path):
     n_shards_at_kill = len(list(out.glob("x-*.npy")))
     for p in out.glob("x-*.npy"):  # every visible shard is complete
         np.load(p, mmap_mode="r")
-    rerun = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    rerun = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     ref = tmp_path / "ref"
     build_corpus([DEMO], ref, CorpusConfig(shard_windows=8), workers=1, progress=False)

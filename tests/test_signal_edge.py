@@ -266,7 +266,7 @@ def test_property_preprocess_matches_scipy_chain(lead, seconds, fs, notch, patch
     assert out.valid.all()
 
 
-def test_baseline_simd_path_matches_scipy():
+def test_baseline_simd_path_matches_scipy(tmp_path):
     # the AVX2+FMA kernels run here when the CPU has them; the baseline build is what other CPUs get
     import os
     import subprocess
@@ -285,8 +285,9 @@ def test_baseline_simd_path_matches_scipy():
         "print('ok', err)\n"
     )
     env = {**os.environ, "CBRAMOD_FAST_SIMD": "baseline"}
+    # cwd outside the checkout: `-c` puts the cwd first on sys.path, and the source tree has no built _ext
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
+                         check=False, cwd=tmp_path)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
 
 
