@@ -186,3 +186,45 @@ def test_torch_compile_fullgraph_matches_eager():
         got = compiled(x, mask)
     err, idx = _max_err(got, eager)
     assert err <= 1e-4, f"compiled vs eager: max abs err {err:.2e} at {idx}"
+
+
+def test_inference_cache_follows_parameter_updates_and_copies(tmp_path):
+    """The CPU inference path caches packed weights: an in-place update, deepcopy and save must see it."""
+    import copy
+
+    fast, _ = _pair()
+    x = torch.randn(1, 3, 4, 200)
+    with torch.no_grad():
+        fast(x)  # fills the cache
+        fast.encoder.layers[0].linear1.weight.mul_(1.5)
+        fast.encoder.layers[1].self_attn_s.in_proj_weight.add_(0.01)
+        cached = fast(x)
+    grad_path = fast(x)  # autograd enabled: the plain-op path
+    assert (cached - grad_path).abs().max().item() <= 1e-4
+    clone = copy.deepcopy(fast)
+    torch.save(fast.state_dict(), tmp_path / "after_inference.pth")
+    again = CBraMod(n_layer=2).eval()
+    again.load_state_dict(torch.load(tmp_path / "after_inference.pth"), strict=True)
+    with torch.no_grad():
+        assert torch.equal(clone(x), cached)
+        assert (again(x) - cached).abs().max().item() <= 1e-6
+
+
+def test_partial_finetuning_gets_gradients():
+    fast, _ = _pair()
+    for name, p in fast.named_parameters():
+        p.requires_grad_("norm1" in name)
+    out = fast(torch.randn(1, 3, 4, 200))
+    out.sum().backward()
+    grads = [p.grad for n, p in fast.named_parameters() if "norm1" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_native_bf16_model_runs_close_to_fp32():
+    fast, ref = _pair()
+    x = torch.randn(2, 4, 3, 200)
+    with torch.no_grad():
+        gold = ref(x)
+        out = fast.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert out.shape == gold.shape and torch.isfinite(out).all()
+    assert ((out - gold).norm() / gold.norm()).item() <= 5e-2
