@@ -88,7 +88,9 @@ class FusionModel(nn.Module):
         drop = None
         if self.training and self.cfg.modality_dropout > 0 and len(self.cfg.use) > 1:
             drop = torch.rand(b, len(self.cfg.use), device=present[0].device) < self.cfg.modality_dropout
-            drop[drop.all(1), torch.randint(0, len(self.cfg.use), (1,)).item()] = False
+            # A sample that lost every modality keeps one, chosen per sample (not one for the whole batch).
+            all_rows = drop.all(1).nonzero().squeeze(1)
+            drop[all_rows, torch.randint(0, len(self.cfg.use), (len(all_rows),), device=drop.device)] = False
         for i, m in enumerate(self.cfg.use):
             ph = self.placeholder[m].expand(b, -1)
             e = embs.get(m)

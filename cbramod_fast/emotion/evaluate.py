@@ -90,7 +90,10 @@ def _save_fusion(model: FusionModel, path: Path, targets: list[str], thresholds:
 def run_evaluate(args: argparse.Namespace) -> dict:
     if args.dataset not in ds.LOADERS:
         raise UsageError(f"unknown dataset {args.dataset!r}; expected one of {sorted(ds.LOADERS)}")
-    trials = ds.LOADERS[args.dataset](args.path)
+    try:
+        trials = ds.LOADERS[args.dataset](args.path)
+    except ValueError as exc:  # a malformed file: one line naming it, not a traceback
+        raise UsageError(str(exc)) from exc
     targets = args.targets.split(",") if args.targets else sorted(trials[0].labels)
     for t in targets:
         if t not in trials[0].labels:
@@ -111,8 +114,11 @@ def run_evaluate(args: argparse.Namespace) -> dict:
          for m, e, s in (("eeg", eeg, eeg_src), ("ecg", ecg, ecg_src))}, tmp))
     thresholds = {t: threshold for t in targets}
 
+    folds_meta = []
+
     def save_fold(i, fold):
         _save_fusion(fold.models["fusion"], out / f"fold_{i:02d}" / "fusion.pt", targets, thresholds)
+        folds_meta.append({"test_subjects": list(fold.test_subjects), "baseline_C": fold.baseline_c})
 
     results, preds = evaluate(w, y, targets, encoders, cfg, progress=not args.quiet, on_fold=save_fold)
     results["_meta"] = {
@@ -120,7 +126,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         "class_balance": {t: float(y[:, j].mean()) for j, t in enumerate(targets)},
         "n_windows": len(y), "n_trials": len(trials), "n_subjects": len(set(w.subject.tolist())),
         "window_s": args.window, "scheme": args.scheme, "seed": args.seed, "mode": args.mode,
-        "eeg_weights": eeg_src, "ecg_weights": ecg_src, "epochs": args.epochs,
+        "eeg_weights": eeg_src, "ecg_weights": ecg_src, "epochs": args.epochs, "folds": folds_meta,
     }
     _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, allow_nan=True)))
     md = markdown_table({k: v for k, v in results.items() if not k.startswith("_")}, targets)
@@ -128,6 +134,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     if not args.no_plots:
         _roc_plot(preds, targets, out)
     if args.final:
+        torch.manual_seed(args.seed)
         model = FusionModel(eeg, ecg, num_outputs=len(targets), pooling=args.pooling, head=args.head)
         embs = {m: embed_all(model, m, getattr(w, m)) for m in ("eeg", "ecg")}
         fit(model, y, cfg.fit, embs=embs) if args.mode == "frozen" else fit(

@@ -71,6 +71,33 @@ def handcrafted_features(w: Windows, fs: float = 200.0) -> np.ndarray:
     return np.concatenate([per_ch, np.stack([b.mean(1) for b in bands], 1), hr[:, None]], axis=1)
 
 
+BASELINE_CS = (0.001, 0.01, 0.1, 1.0)
+
+
+def baseline_classifier(x: np.ndarray, y: np.ndarray, subjects: np.ndarray):
+    """Standardise + class-balanced logistic regression, its inverse regularisation C chosen from
+    ``BASELINE_CS`` by an inner split of the *training* subjects (group k-fold, AUC) — the held-out subject
+    never influences the choice. With too few training subjects or a one-class inner fold, C = 0.1."""
+    uniq = np.unique(subjects)
+    k = min(5, len(uniq))
+    best_c = 0.1
+    if k >= 2:
+        from sklearn.model_selection import GroupKFold
+
+        splits = list(GroupKFold(n_splits=k).split(x, y, groups=subjects))
+        if all(len(set(y[tr_].tolist())) == 2 and len(set(y[va].tolist())) == 2 for tr_, va in splits):
+            scores = []
+            for c in BASELINE_CS:
+                clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c, class_weight="balanced"))
+                scores.append(np.mean([roc_auc_score(y[va], clf.fit(x[tr_], y[tr_]).predict_proba(x[va])[:, 1])
+                                       for tr_, va in splits]))
+            best_c = BASELINE_CS[int(np.argmax(scores))]
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=best_c, class_weight="balanced"))
+    clf.fit(x, y)
+    clf.chosen_c = best_c
+    return clf
+
+
 # -- metrics ----------------------------------------------------------------------------------------------
 
 def binary_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
@@ -117,6 +144,7 @@ class FoldOutput:
     test_index: np.ndarray
     probs: dict[str, np.ndarray]  # model -> (W_test, T)
     models: dict[str, FusionModel]
+    baseline_c: list[float] = field(default_factory=list)  # the baseline's chosen C per target
 
 
 def cached_embeddings(template: FusionModel, w: Windows, baseline_correction: bool = False,
@@ -142,6 +170,7 @@ def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y
     tr, te = np.flatnonzero(~test), np.flatnonzero(test)
     probs, models = {}, {}
     for name, use in (("fusion", ("eeg", "ecg")), ("eeg", ("eeg",)), ("ecg", ("ecg",))):
+        torch.manual_seed(cfg.seed)  # head initialisation: the same in every fold and run
         model = FusionModel(encoders["eeg"], encoders["ecg"], num_outputs=y.shape[1], pooling=cfg.pooling,
                             head=cfg.head, use=use)
         if cfg.pooling == "attention" and cfg.fit.mode == "frozen":
@@ -159,15 +188,16 @@ def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y
                 probs["fusion[eeg only]"] = torch.sigmoid(model.head_logits({"eeg": te_embs["eeg"], "ecg": None})).numpy()
                 probs["fusion[ecg only]"] = torch.sigmoid(model.head_logits({"eeg": None, "ecg": te_embs["ecg"]})).numpy()
         models[name] = model
-    base = np.zeros((len(te), y.shape[1]))
+    base, chosen = np.zeros((len(te), y.shape[1])), []
     for j in range(y.shape[1]):
         if len(set(y[tr, j].tolist())) < 2:
             base[:, j] = y[tr, j].mean()
             continue
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1, class_weight="balanced"))
-        base[:, j] = clf.fit(feats[tr], y[tr, j]).predict_proba(feats[te])[:, 1]
+        clf = baseline_classifier(feats[tr], y[tr, j], w.subject[tr])
+        base[:, j] = clf.predict_proba(feats[te])[:, 1]
+        chosen.append(clf.chosen_c)
     probs["baseline"] = base
-    return FoldOutput(test_subjects, tr, te, probs, models)
+    return FoldOutput(test_subjects, tr, te, probs, models, chosen)
 
 
 def evaluate(w: Windows, y: np.ndarray, targets: list[str], encoders: dict, cfg: EvalConfig,
