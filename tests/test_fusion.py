@@ -7,6 +7,7 @@ Encoders are the 2-layer ``tiny`` preset; end-to-end runs on DREAMER-structured 
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -231,3 +232,20 @@ def test_npz_format_kfold_evaluate_and_cli_errors(tmp_path, capsys):
     (folder / "broken.npz").unlink()
     rc = cli_main(["evaluate", "npz", str(folder), "--out", str(tmp_path / "o4"), "--targets", "valence", "--quiet"])
     assert rc == 2 and "target 'valence' not in" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_predict_reads_a_real_eegmat_edf(shared_dir, tmp_path, capsys):
+    eeg, ecg = _encoders()
+    model = FusionModel(eeg, ecg, num_outputs=1)
+    torch.save({m: {"config": e.config.to_dict(), "state": e.state_dict(), "source": "test"}
+                for m, e in (("eeg", eeg), ("ecg", ecg))}, tmp_path / "encoders.pt")
+    _save_fusion(model, tmp_path / "final" / "fusion.pt", ["task"], {"task": None})
+    edf = shared_dir / "data" / "eeg_ecg_eegmat" / "Subject00_2.edf"
+    for flag, mods in (([], ["ecg", "eeg"]), (["--no-ecg"], ["eeg"]), (["--no-eeg"], ["ecg"])):
+        rc = cli_main(["predict", str(edf), "--model", str(tmp_path / "final"), "--verbose", *flag])
+        out = json.loads(capsys.readouterr().out)[str(edf)]
+        assert rc == 0 and out["modalities"] == mods
+        assert len(out["windows"]) == 6 and 0 <= out["trial"]["task"] <= 1  # 60 s task recording, 10-s windows
+    rc = cli_main(["predict", str(edf), "--model", str(tmp_path / "final"), "--no-eeg", "--no-ecg"])
+    assert rc == 2 and "neither EEG nor ECG" in capsys.readouterr().err
