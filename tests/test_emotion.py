@@ -65,7 +65,8 @@ def write_dreamer(path, n_subj=4, n_vid=6, secs=20, shuffle=False, seed=0):
 def _args(path, out, **kw):
     base = {"dataset": "dreamer", "path": str(path), "out": str(out), "eeg_weights": WEIGHTS, "ecg_weights": WEIGHTS,
                 "preset": "tiny", "targets": "arousal", "threshold": None, "window": 10, "scheme": "loso", "k": 5, "mode": "frozen",
-                "pooling": "mean", "head": "mlp", "epochs": 60, "lr": 1e-3, "seed": 0, "baseline_correction": False, "final": False,
+                "pooling": "mean", "head": "mlp", "epochs": 60, "encoder_lr_scale": 0.1, "freeze": None,
+                "lr": 1e-3, "seed": 0, "baseline_correction": False, "final": False,
                 "no_plots": False, "quiet": True}
     base.update(kw)
     return argparse.Namespace(**base)

@@ -20,9 +20,11 @@ from cbramod_fast.emotion import datasets as ds
 from cbramod_fast.emotion.evaluate import _save_fusion, load_fusion, run_evaluate
 from cbramod_fast.emotion.protocol import (
     BASELINE_CS,
+    EvalConfig,
     baseline_classifier,
     binary_metrics,
     heart_rate,
+    run_fold,
     summarise,
     trial_mean,
 )
@@ -213,6 +215,7 @@ def test_npz_format_kfold_evaluate_and_cli_errors(tmp_path, capsys):
     args = argparse.Namespace(
         dataset="npz", path=str(folder), out=str(tmp_path / "out"), eeg_weights=None, ecg_weights=None, preset="tiny",
         targets=None, threshold=0.5, window=5, scheme="kfold", k=2, mode="frozen", pooling="mean", head="linear",
+        encoder_lr_scale=0.1, freeze=None,
         epochs=30, lr=1e-3, seed=3, baseline_correction=False, final=False, no_plots=True, quiet=True)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
         res = run_evaluate(args)
@@ -249,3 +252,35 @@ def test_predict_reads_a_real_eegmat_edf(shared_dir, tmp_path, capsys):
         assert len(out["windows"]) == 6 and 0 <= out["trial"]["task"] <= 1  # 60 s task recording, 10-s windows
     rc = cli_main(["predict", str(edf), "--model", str(tmp_path / "final"), "--no-eeg", "--no-ecg"])
     assert rc == 2 and "neither EEG nor ECG" in capsys.readouterr().err
+
+
+def test_finetune_evaluation_copies_encoders_per_fold_and_saves_them(tmp_path):
+    folder = _write_npz_trials(tmp_path / "trials", n_subj=3, n_trials=2)
+    trials = ds.load_npz_dir(folder)
+    w = ds.make_windows(trials, 5, progress=False)
+    y = ds.binarise(w.labels["stress"], 0.5)[:, None]
+    enc = dict(zip(("eeg", "ecg"), _encoders()))
+    before = {m: {k: v.clone() for k, v in e.state_dict().items()} for m, e in enc.items()}
+    cfg = EvalConfig(fit=FitConfig(mode="finetune", epochs=1, batch_size=4))
+    fold = run_fold(enc, {}, np.zeros((len(y), 3)), y, w, ["sub0"], cfg)
+    # the caller's encoders are untouched (the next fold must not start from weights that saw its test subject)
+    for m, e in enc.items():
+        assert all(torch.equal(v, before[m][k]) for k, v in e.state_dict().items()), m
+    tuned = fold.models["fusion"].encoders["eeg"]
+    assert not torch.equal(tuned.encoder.layers[0].linear1.weight, enc["eeg"].encoder.layers[0].linear1.weight)
+
+    args = argparse.Namespace(
+        dataset="npz", path=str(folder), out=str(tmp_path / "out"), eeg_weights=None, ecg_weights=None, preset="tiny",
+        targets=None, threshold=0.5, window=5, scheme="kfold", k=2, mode="finetune", pooling="attention", head="mlp",
+        encoder_lr_scale=0.5, freeze=["ecg"], epochs=1, lr=1e-3, seed=0, baseline_correction=False, final=False,
+        no_plots=True, quiet=True)
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        run_evaluate(args)
+    saved = torch.load(tmp_path / "out" / "encoders.pt", weights_only=True)
+    back = load_fusion(tmp_path / "out" / "fold_00")
+    eeg_key, ecg_key = "encoder.layers.0.linear1.weight", "encoder.layers.0.linear1.weight"
+    assert not torch.equal(back.encoders["eeg"].state_dict()[eeg_key], saved["eeg"]["state"][eeg_key])  # fine-tuned
+    assert torch.equal(back.encoders["ecg"].state_dict()[ecg_key], saved["ecg"]["state"][ecg_key])  # --freeze ecg
+    assert back.cfg.pooling == "attention"
+    rc = cli_main(["evaluate", "npz", str(folder), "--out", str(tmp_path / "o5"), "--pooling", "attention"])
+    assert rc == 2

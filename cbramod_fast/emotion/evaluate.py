@@ -79,15 +79,21 @@ def _roc_plot(preds: dict, targets: list[str], out: Path) -> list[str]:
     return files
 
 
-def _save_fusion(model: FusionModel, path: Path, targets: list[str], thresholds: dict) -> None:
+def _save_fusion(model: FusionModel, path: Path, targets: list[str], thresholds: dict,
+                 with_encoders: bool = False) -> None:
+    """Head, pooling, placeholders and standardisation; the encoders too when they were fine-tuned (frozen
+    encoders are stored once, in encoders.pt beside the fold folders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("encoders.")}
+    state = {k: v for k, v in model.state_dict().items() if with_encoders or not k.startswith("encoders.")}
     payload = {"state": state, "use": list(model.cfg.use), "pooling": model.cfg.pooling, "head": model.cfg.head,
                "num_outputs": model.cfg.num_outputs, "targets": targets, "thresholds": thresholds}
     _atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
+    if args.pooling == "attention" and args.mode == "frozen":
+        raise UsageError("--pooling attention learns from tokens: use it with --mode finetune "
+                         "(frozen mode caches mean-pooled embeddings)")
     if args.dataset not in ds.LOADERS:
         raise UsageError(f"unknown dataset {args.dataset!r}; expected one of {sorted(ds.LOADERS)}")
     try:
@@ -106,7 +112,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     encoders = {"eeg": eeg, "ecg": ecg}
     cfg = EvalConfig(scheme=args.scheme, k=args.k, seed=args.seed, pooling=args.pooling, head=args.head,
                      baseline_correction=args.baseline_correction,
-                     fit=FitConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, seed=args.seed))
+                     fit=FitConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                   encoder_lr_scale=args.encoder_lr_scale, freeze=tuple(args.freeze or ())))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "encoders.pt", lambda tmp: torch.save(
@@ -117,7 +124,8 @@ def run_evaluate(args: argparse.Namespace) -> dict:
     folds_meta = []
 
     def save_fold(i, fold):
-        _save_fusion(fold.models["fusion"], out / f"fold_{i:02d}" / "fusion.pt", targets, thresholds)
+        _save_fusion(fold.models["fusion"], out / f"fold_{i:02d}" / "fusion.pt", targets, thresholds,
+                     with_encoders=args.mode == "finetune")
         folds_meta.append({"test_subjects": list(fold.test_subjects), "baseline_C": fold.baseline_c})
 
     results, preds = evaluate(w, y, targets, encoders, cfg, progress=not args.quiet, on_fold=save_fold)
@@ -139,7 +147,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         embs = {m: embed_all(model, m, getattr(w, m)) for m in ("eeg", "ecg")}
         fit(model, y, cfg.fit, embs=embs) if args.mode == "frozen" else fit(
             model, y, cfg.fit, windows={"eeg": w.eeg, "ecg": w.ecg})
-        _save_fusion(model, out / "final" / "fusion.pt", targets, thresholds)
+        _save_fusion(model, out / "final" / "fusion.pt", targets, thresholds, with_encoders=args.mode == "finetune")
     if not args.quiet:
         print(md)
     return results
@@ -161,7 +169,10 @@ def load_fusion(folder: str | Path) -> FusionModel:
         encoders[m] = e.eval()
     model = FusionModel(encoders["eeg"], encoders["ecg"], num_outputs=payload["num_outputs"],
                         pooling=payload["pooling"], head=payload["head"], use=tuple(payload["use"]))
-    model.load_state_dict(payload["state"], strict=False)
+    res = model.load_state_dict(payload["state"], strict=False)
+    bad = [k for k in res.missing_keys if not k.startswith("encoders.")] + list(res.unexpected_keys)
+    if bad:
+        raise ValueError(f"{f}: does not match the fusion model it describes ({bad[:5]})")
     model.targets = payload["targets"]
     return model.eval()
 
@@ -220,6 +231,10 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", choices=("loso", "kfold"), default="loso")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--mode", choices=("frozen", "finetune"), default="frozen")
+    p.add_argument("--encoder-lr-scale", type=float, default=0.1,
+                   help="finetune: encoder learning rate = this x the head's")
+    p.add_argument("--freeze", choices=("eeg", "ecg"), action="append",
+                   help="finetune: keep this modality's encoder fixed (repeatable)")
     p.add_argument("--pooling", choices=("mean", "attention"), default="mean")
     p.add_argument("--head", choices=("mlp", "linear"), default="mlp")
     p.add_argument("--epochs", type=int, default=150)

@@ -9,6 +9,7 @@ their embeddings once for all folds leaks nothing.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -171,7 +172,10 @@ def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y
     probs, models = {}, {}
     for name, use in (("fusion", ("eeg", "ecg")), ("eeg", ("eeg",)), ("ecg", ("ecg",))):
         torch.manual_seed(cfg.seed)  # head initialisation: the same in every fold and run
-        model = FusionModel(encoders["eeg"], encoders["ecg"], num_outputs=y.shape[1], pooling=cfg.pooling,
+        # Fine-tuning changes the encoders: each model gets its own copy, or the next fold would start from
+        # encoders that were trained on its test subject.
+        enc = encoders if cfg.fit.mode == "frozen" else {m: copy.deepcopy(e) for m, e in encoders.items()}
+        model = FusionModel(enc["eeg"], enc["ecg"], num_outputs=y.shape[1], pooling=cfg.pooling,
                             head=cfg.head, use=use)
         if cfg.pooling == "attention" and cfg.fit.mode == "frozen":
             raise ValueError("attention pooling learns from tokens: use --mode finetune (frozen mode caches pooled means)")
