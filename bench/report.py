@@ -29,8 +29,13 @@ BEGIN, END = "<!-- BEGIN bench-results -->", "<!-- END bench-results -->"
 
 def _keep(docs: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
     docs = [(p, d) for p, d in docs if isinstance(d, dict) and d.get("schema") == SCHEMA]
-    # CPU first, then GPUs; inference before training
-    docs.sort(key=lambda pd: (pd[1]["device"]["type"] != "cpu", result_stem(pd[1])))
+    # CPU first, then GPUs; the default command's result first, then other shapes, training, the original
+    def key(pd: tuple[Path, dict]) -> tuple:
+        a = pd[1]["args"]
+        return (pd[1]["device"]["type"] != "cpu", bool(a.get("original")), a["modes"] != ["infer"],
+                a["shapes"] != [[19, 30]], result_stem(pd[1]))
+
+    docs.sort(key=key)
     return docs
 
 
