@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cbramod_fast.bench import SCHEMA, markdown_header, markdown_table, result_stem
+from cbramod_fast.bench import SCHEMA, device_label, markdown_header, markdown_table, result_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -70,7 +70,7 @@ def render(docs: list[tuple[Path, dict]], root: Path = ROOT) -> str:
         a = doc["args"]
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
         shapes = ", ".join(f"{c}×{n}" for c, n in a["shapes"])
-        title = (f"#### {doc['device']['name']} — {', '.join(a['modes'])} {shapes}, preset `{a['preset']}`"
+        title = (f"#### {device_label(doc['device'])} — {', '.join(a['modes'])} {shapes}, preset `{a['preset']}`"
                  f"{' vs the original' if a.get('original') else ''} "
                  f"([`{rel}`]({rel}))")
         parts += [title, "", markdown_header(doc), "", markdown_table(doc), ""]

@@ -258,6 +258,23 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
+def cpu_uarch() -> str | None:
+    """AMD Zen generation from /proc/cpuinfo's family, or None. Cloud VMs report a bare "AMD EPYC", yet
+    the generation decides which GEMM library wins (MKL's fp32 path vs oneDNN's AVX-512 kernels), so results
+    from different generations must not share a file name or a table heading."""
+    info = _cpuinfo()
+    if info.get("vendor_id") != "AuthenticAMD":
+        return None
+    family = info.get("cpu family")
+    if family == "23":
+        return "Zen 2"
+    if family == "25":
+        return "Zen 4" if "avx512f" in info.get("flags", "").split() else "Zen 3"
+    if family == "26":
+        return "Zen 5"
+    return None
+
+
 def cpu_peak() -> dict:
     """Estimated peak FLOP/s of the cores torch uses: threads x clock x FLOP/cycle/core.
 
@@ -326,7 +343,8 @@ def device_info(device: str) -> dict:
                 "torch_threads": torch.get_num_threads(), "memory_bytes": props.total_memory,
                 "sm_count": props.multi_processor_count, "cuda": torch.version.cuda,
                 "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "peak_flops": gpu_peak(name)}
-    return {"type": "cpu", "name": cpu_model(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+    return {"type": "cpu", "name": cpu_model(), "cpu_model": cpu_model(), "uarch": cpu_uarch(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "peak_flops": cpu_peak()}
 
 
@@ -775,7 +793,10 @@ def _definitions() -> dict:
 
 def result_stem(doc: dict) -> str:
     dev = doc["device"]
-    slug = "cpu" if dev["type"] == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", dev["name"].lower()).strip("-")
+    if dev["type"] == "cpu":
+        slug = "cpu" + ("-" + re.sub(r"[^a-z0-9]+", "", dev["uarch"].lower()) if dev.get("uarch") else "")
+    else:
+        slug = "cuda-" + re.sub(r"[^a-z0-9]+", "-", dev["name"].lower()).strip("-")
     a = doc["args"]
     shapes = "-".join(f"{c}x{n}" for c, n in a["shapes"])
     suffix = "_original" if a.get("original") else ""
@@ -836,6 +857,10 @@ def _compile_text(doc: dict) -> str:
     return f", torch.compile (first calls incl. compilation: {min(firsts):.1f}–{max(firsts):.1f} s)" if firsts else ""
 
 
+def device_label(dev: dict) -> str:
+    return f"{dev['name']} ({dev['uarch']})" if dev.get("uarch") else dev["name"]
+
+
 def markdown_header(doc: dict) -> str:
     dev, ver, git = doc["device"], doc["versions"], doc["git"]
     commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
@@ -847,7 +872,7 @@ def markdown_header(doc: dict) -> str:
     gemm = dev.get("gemm_flops_measured") or {}
     gemm_text = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in gemm.items())
     return "\n".join([
-        (f"- device: **{dev['name']}** ({dev['type']}, {dev['torch_threads']} torch threads of "
+        (f"- device: **{device_label(dev)}** ({dev['type']}, {dev['torch_threads']} torch threads of "
          f"{dev['cpu_count']} CPUs); peak used for utilisation: {peaks or 'unknown'} — {peak['method']}"
          + (f"; measured square-matmul rate at start: {gemm_text}" if gemm_text else "")),
         f"- torch {ver['torch']}, triton {ver.get('triton') or '–'}, python {ver['python']}; "
@@ -892,7 +917,7 @@ def plot_latency(doc: dict, path: Path) -> None:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, handlelength=3.5)
-    fig.suptitle(f"{doc['device']['name']} — preset {doc['args']['preset']}", fontsize=9)
+    fig.suptitle(f"{device_label(doc['device'])} — preset {doc['args']['preset']}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -127,6 +127,21 @@ def test_cpu_peak_is_positive_and_documented():
     assert B.gpu_peak("Some GPU")["fp32"] is None
 
 
+@pytest.mark.parametrize("family,flags,expected", [
+    ("25", "fma avx2 avx512f avx512_bf16", "Zen 4"), ("25", "fma avx2", "Zen 3"), ("26", "avx512f", "Zen 5"),
+    ("6", "avx512f", None)])
+def test_cpu_generation_names_results(monkeypatch, family, flags, expected):
+    vendor = "GenuineIntel" if family == "6" else "AuthenticAMD"
+    monkeypatch.setattr(B, "_cpuinfo", lambda: {"vendor_id": vendor, "cpu family": family, "flags": flags,
+                                                "model name": "AMD EPYC"})
+    assert B.cpu_uarch() == expected
+    doc = {"device": {"type": "cpu", "name": "AMD EPYC", "uarch": expected},
+           "args": {"shapes": [[19, 30]], "preset": "base", "modes": ["infer"], "original": None}}
+    slug = {"Zen 4": "cpu-zen4", "Zen 3": "cpu-zen3", "Zen 5": "cpu-zen5", None: "cpu"}[expected]
+    assert B.result_stem(doc) == f"{slug}_base_infer_19x30"
+    assert B.device_label(doc["device"]) == ("AMD EPYC" if expected is None else f"AMD EPYC ({expected})")
+
+
 def test_make_input_uses_real_leads():
     stream = B.demo_patch_stream()
     assert stream.shape[0] == 12 and stream.shape[2] == 200 and stream.abs().sum() > 0
