@@ -151,13 +151,21 @@ def test_make_input_uses_real_leads():
     assert torch.equal(x[1, 0, 0], stream[0, 5])  # sample 1 continues where sample 0 ended
 
 
+def _cpu_stem(shapes, modes) -> str:
+    # The CPU slug names the Zen generation where /proc/cpuinfo tells it (cpu-zen4_...), else "cpu".
+    return B.result_stem({"device": {"type": "cpu", "uarch": B.cpu_uarch()},
+                          "args": {"shapes": shapes, "preset": "tiny", "modes": modes, "original": None}})
+
+
 def test_tiny_run_writes_complete_results(tmp_path, capsys):
+    stem = _cpu_stem([[4, 3]], ["infer", "train"])
+    assert stem.startswith("cpu") and stem.endswith("_tiny_infer-train_4x3")
     code = cli.main(["bench", "--preset", "tiny", "--shapes", "4x3", "--batch", "1,2", "--dtype", "fp32,bf16",
                      "--mode", "infer,train", "--repeats", "3", "--out", str(tmp_path), "--plot"])
     assert code == 0, capsys.readouterr().err
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["cpu_tiny_infer-train_4x3.json", "cpu_tiny_infer-train_4x3.md", "cpu_tiny_infer-train_4x3.png"]
-    doc = json.loads((tmp_path / "cpu_tiny_infer-train_4x3.json").read_text())
+    assert files == [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+    doc = json.loads((tmp_path / f"{stem}.json").read_text())
     assert doc["schema"] == B.SCHEMA
     for key in ("created", "device", "versions", "git", "args", "model_config", "definitions", "results"):
         assert key in doc
@@ -183,10 +191,10 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
         assert r["cpu_time_s"]["p50"] > 0 and len(r["cpu_times_s"]) == 3 and r["speedup_vs_reference_cpu_time"] > 0
         rounds = r["speedup_vs_reference_rounds"]
         assert rounds["p10"] <= rounds["p50"] <= rounds["p90"]
-    md = (tmp_path / "cpu_tiny_infer-train_4x3.md").read_text()
+    md = (tmp_path / f"{stem}.md").read_text()
     assert "| mode | C×N | batch | variant |" in md and md.count("| cbramod-fast (torch) |") == 8
     printed = capsys.readouterr().out
-    assert "| mode | C×N |" in printed and "cpu_tiny_infer-train_4x3.json" in printed
+    assert "| mode | C×N |" in printed and f"{stem}.json" in printed
 
 
 @pytest.mark.gpu
@@ -211,7 +219,7 @@ def test_triton_under_interpreter_is_checked_not_timed(tmp_path):
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
                           check=False, cwd=tmp_path)  # not the checkout: its source tree has no built _ext
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "cpu_tiny_infer_3x2.json").read_text())["results"]
+    rows = json.loads((tmp_path / f"{_cpu_stem([[3, 2]], ['infer'])}.json").read_text())["results"]
     tri = [r for r in rows if r["backend"] == "triton"]
     assert len(tri) == 1 and not tri[0]["timed"] and tri[0]["latency_s"] is None
     assert tri[0]["rel_err_vs_fp32_reference"] < 1e-5
