@@ -1,7 +1,12 @@
-"""Kernel benchmarks: Triton criss-cross attention vs the PyTorch twin (SDPA/bmm) on the same layout,
-forward and forward+backward, and the fused dual-masking kernel vs the PyTorch rule.
+"""Kernel benchmarks: Triton criss-cross attention vs PyTorch on the same layout, forward and
+forward+backward, and the fused dual-masking kernel vs the PyTorch rule.
 
     pytest bench/bench_kernels.py --benchmark-only        # CUDA only: timing the interpreter means nothing
+    pytest bench/bench_kernels.py --benchmark-only --benchmark-json=bench/results/kernels_<gpu>.json
+
+Attention implementations: ``triton`` (two strided halves), ``triton-packed`` (the encoder's one (2, ...)
+tensor), ``torch`` (the bmm + softmax twin the fast model runs without Triton) and ``sdpa``
+(``F.scaled_dot_product_attention``, the torch-native fused attention, PyTorch's choice of kernel).
 
 Inputs are the strided layout the encoder produces: one (2, B, C, N, 300) batched-GEMM output sliced into
 qkv_s / qkv_t, bf16 unless stated (the training dtype on GPU).
@@ -27,18 +32,18 @@ def _sync(fn):
 
 @pytest.mark.parametrize("batch", [64, 256])
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("impl", ["triton", "triton-packed", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "triton-packed", "torch", "sdpa"])
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd", "fwd+bwd p=0.1"])  # p: attention dropout, as in training
 def test_attention(benchmark, impl, shape, batch, pass_):
     from cbramod_fast.kernels.criss_cross import (
         criss_cross_attention_triton,
         criss_cross_attention_triton_packed,
     )
-    from cbramod_fast.kernels.reference import criss_cross_attention
+    from cbramod_fast.kernels.reference import criss_cross_attention, criss_cross_attention_sdpa
 
     c, n = SHAPES[shape]
     base = torch.randn(2, batch, c, n, 300, device="cuda", dtype=torch.bfloat16, requires_grad=pass_ != "fwd")
-    fn = {"triton": criss_cross_attention_triton, "torch": criss_cross_attention,
+    fn = {"triton": criss_cross_attention_triton, "torch": criss_cross_attention, "sdpa": criss_cross_attention_sdpa,
           "triton-packed": lambda qs, _qt, *a: criss_cross_attention_triton_packed(base, *a)}[impl]
     benchmark.group = f"attention {pass_} {shape} B={batch}"
 

@@ -79,3 +79,26 @@ def criss_cross_attention_naive(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads:
     os_ = attend(qs, ks, vs).view(b, n, heads, c, -1).permute(0, 3, 1, 2, 4).flatten(-2)
     ot = attend(qt, kt, vt).view(b, c, heads, n, -1).permute(0, 1, 3, 2, 4).flatten(-2)
     return torch.cat((os_, ot), dim=-1)
+
+
+def criss_cross_attention_sdpa(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int, dropout_p: float = 0.0,
+                               training: bool = False) -> torch.Tensor:
+    """The same contract through ``F.scaled_dot_product_attention`` (the torch-native fused attention).
+
+    The comparison point the kernel benchmarks need ("vs SDPA on the same layout"): SDPA wants 4-D
+    ``(S, H, L, E)`` operands, so each half pays one reshape copy of q|k|v and the output is permuted back;
+    which SDPA kernel runs (flash, memory-efficient, cuDNN, math) is PyTorch's choice for head dim E.
+    """
+    p = dropout_p if training else 0.0
+    b, c, n, _ = qkv_s.shape
+
+    def attend(qkv: torch.Tensor) -> torch.Tensor:  # (S, L, 3*D) -> (S, H, L, E)
+        s, l_, three_d = qkv.shape
+        q, k, v = qkv.reshape(s, l_, 3, heads, three_d // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+    os_ = attend(qkv_s.transpose(1, 2).reshape(b * n, c, -1))  # (B*N, H, C, Es)
+    ot = attend(qkv_t.reshape(b * c, n, -1))  # (B*C, H, N, Et)
+    os_ = os_.view(b, n, heads, c, -1).permute(0, 3, 1, 2, 4).flatten(-2)
+    ot = ot.view(b, c, heads, n, -1).permute(0, 1, 3, 2, 4).flatten(-2)
+    return torch.cat((os_, ot), dim=-1)
