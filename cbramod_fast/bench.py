@@ -85,6 +85,20 @@ class BenchConfig:
     threads: int = 0  # CPU threads for torch; 0 = auto (cores not busy per the 1-min load average)
     reference: bool = True  # include the in-repo reference (the speed-up baseline)
     quiet: bool = False
+    # Explicit variant list, replacing the backends x dtypes cross product: (model, dtype, compile tag) with
+    # model "reference", "original" or "fast[<backend>]" and tag None or one of COMPILE_TAGS.
+    variants: tuple[tuple[str, str, str | None], ...] = ()
+
+
+# How a variant is wrapped. dynamic=False throughout: each (shape, batch) group gets its own specialised
+# graph instead of dynamo's automatic dynamic shapes after the first recompile.
+COMPILE_TAGS = {
+    "compile": "torch.compile (default mode)",
+    "compile-ro": "torch.compile(mode='reduce-overhead'): Inductor + CUDA graphs",
+    "compile-layers": "torch.compile of each repeated layer (regional compilation: the encoder's identical "
+                      "layers share one compiled graph, so compiling takes about one layer's time)",
+    "graph": "the eager model captured in one torch.cuda.CUDAGraph and replayed (infer, CUDA only)",
+}
 
 
 def _split(text: str) -> list[str]:
@@ -136,6 +150,26 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def parse_variants(text: str) -> tuple[tuple[str, str, str | None], ...]:
+    """``MODEL:DTYPE[:TAG]`` entries; MODEL is reference, original or a fast-model backend (torch, triton,
+    flash), TAG one of COMPILE_TAGS. E.g. ``reference:fp32,reference:bf16:compile,triton:bf16``."""
+    out = []
+    for s in _split(text):
+        parts = s.split(":")
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise UsageError(f"bad --variants entry {s!r}: expected MODEL:DTYPE[:TAG], e.g. triton:bf16:compile")
+        model = parts[0] if parts[0] in ("reference", "original") else f"fast[{parts[0]}]"
+        (dtype,) = parse_dtypes(parts[1])
+        tag = parts[2] if len(parts) == 3 else None
+        if tag is not None and tag not in COMPILE_TAGS:
+            raise UsageError(f"unknown tag {tag!r} in --variants entry {s!r}: expected one of "
+                             f"{', '.join(COMPILE_TAGS)}")
+        out.append((model, dtype, tag))
+    if not out:
+        raise UsageError(f"--variants {text!r} names no variant")
+    return tuple(dict.fromkeys(out))
+
+
 def check_backend(backend: str, device: str) -> None:
     """Raise ``UsageError`` unless ``backend`` can run on ``device`` here."""
     from . import kernels
@@ -171,8 +205,27 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                          f"(built with CUDA: {torch.version.cuda or 'no'})")
     if args.preset not in PRESETS:
         raise UsageError(f"unknown --preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
-    backends = tuple(dict.fromkeys(_split(args.backend)))
-    if not backends:
+    variants: tuple[tuple[str, str, str | None], ...] = ()
+    if args.variants:
+        given = [f"--{k}" for k in ("backend", "dtype") if getattr(args, k) is not None]
+        if args.compile:
+            given.append("--compile")
+        if given:
+            raise UsageError(f"--variants names backends, dtypes and compilation itself; drop {', '.join(given)}")
+        variants = parse_variants(args.variants)
+        backends = tuple(dict.fromkeys(m[5:-1] for m, _, _ in variants if m.startswith("fast[")))
+        dtypes = tuple(dict.fromkeys(d for _, d, _ in variants))
+        if any(m == "original" for m, _, _ in variants) and not args.original:
+            raise UsageError("--variants names 'original' but no --original PATH is given")
+        if any(t == "graph" for _, _, t in variants):
+            if device != "cuda":
+                raise UsageError("--variants tag 'graph' (CUDA graph capture) needs --device cuda")
+            if "train" in parse_modes(args.mode or "infer"):
+                raise UsageError("--variants tag 'graph' captures inference only; use 'compile' for --mode train")
+    else:
+        backends = tuple(dict.fromkeys(_split(args.backend or "torch")))
+        dtypes = parse_dtypes(args.dtype or "fp32,bf16")
+    if not backends and not variants:
         raise UsageError(f"--backend {args.backend!r} names no backend")
     for b in backends:
         check_backend(b, device)
@@ -189,10 +242,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                                     "checkout of github.com/wjq-learning/CBraMod)")
         original = str(root)
     return BenchConfig(device=device, shapes=parse_shapes(args.shapes), batches=parse_batches(args.batch),
-                       dtypes=parse_dtypes(args.dtype), backends=backends, modes=parse_modes(args.mode),
+                       dtypes=dtypes, backends=backends, modes=parse_modes(args.mode),
                        original=original, preset=args.preset, repeats=args.repeats, warmup=args.warmup,
                        out=args.out, plot=args.plot, compile=args.compile,
-                       threads=args.threads)
+                       threads=args.threads, variants=variants)
 
 
 def auto_threads() -> int:
@@ -436,6 +489,8 @@ class Variant:
     peak_mem: int | None = None
     rel_err: float | None = None
     grad_rel_err: float | None = None
+    compile: str | None = None  # a COMPILE_TAGS key, or None for eager
+    eager: nn.Module | None = None  # the uncompiled module (the train-mode error check runs it)
 
 
 def build_models(cfg: BenchConfig) -> dict[str, Callable[[], nn.Module]]:
@@ -470,14 +525,63 @@ def build_models(cfg: BenchConfig) -> dict[str, Callable[[], nn.Module]]:
 # measuring
 
 
-def _autocast(device: str, dtype: str):
+def _autocast(device: str, dtype: str, cache_enabled: bool = True):
     if dtype == "fp32":
         return torch.autocast(device, enabled=False)
-    return torch.autocast(device, dtype=DTYPES[dtype])
+    return torch.autocast(device, dtype=DTYPES[dtype], cache_enabled=cache_enabled)
+
+
+def _graph_step(model: nn.Module, x: torch.Tensor, dtype: str, device: str):
+    """One CUDA graph of the eager forward on the static input ``x``; the step replays it (launch overhead
+    gone, which is what inference at batch 1 is bound by). Warm-up on a side stream, as capture requires;
+    autocast's weight cache off inside the capture (PyTorch's CUDA-graph notes)."""
+    if device != "cuda":
+        raise UsageError("variant tag 'graph' (CUDA graph capture) needs --device cuda")
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), _autocast(device, dtype, cache_enabled=False):
+            for _ in range(3):
+                model(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), _autocast(device, dtype, cache_enabled=False):
+            out = model(x)
+
+    def step():
+        graph.replay()
+        return out
+    return step
+
+
+def repeated_layers(m: nn.Module) -> nn.ModuleList:
+    """The longest ``nn.ModuleList`` of same-type modules (the encoder layers of every CBraMod flavour)."""
+    lists = [c for c in m.modules() if isinstance(c, nn.ModuleList) and len(c) > 0
+             and len({type(x) for x in c}) == 1]
+    if not lists:
+        raise UsageError(f"variant tag 'compile-layers': {type(m).__name__} has no list of repeated layers")
+    return max(lists, key=len)
+
+
+def _compile(m: nn.Module, tag: str) -> nn.Module:
+    # Dynamo silently falls back to eager past its recompile limit; every (shape, batch) group adds
+    # entries, so raise it (the attribute was renamed in torch 2.6).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if tag == "compile-layers":
+        for layer in repeated_layers(m):
+            layer.compile(dynamic=False)  # in place: m must be this variant's own instance
+        return m
+    return torch.compile(m, mode="reduce-overhead" if tag == "compile-ro" else None, dynamic=False)
 
 
 def _step_fn(v: Variant, x: torch.Tensor, mask: torch.Tensor, mode: str, device: str):
     model = v.model
+    if v.compile == "graph":
+        if mode != "infer":
+            raise UsageError("variant tag 'graph' captures inference only")
+        return _graph_step(model, x, v.dtype, device)
     if mode == "infer":
         def step():
             with torch.inference_mode(), _autocast(device, v.dtype):
@@ -569,8 +673,11 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _check_pass(v: Variant, x: torch.Tensor, mask: torch.Tensor, mode: str, device: str):
-    """Output (and for train, gradients) with dropout off, in the variant's precision, untimed."""
-    model = v.model
+    """Output (and for train, gradients) with dropout off, in the variant's precision, untimed.
+
+    Compiled variants are checked through their eager module: eval mode would recompile them (a second
+    full compilation per group); in infer mode the timed output of the compiled model is checked too."""
+    model = v.eager if v.eager is not None else v.model
     was_training = model.training
     model.eval()
     try:
@@ -607,6 +714,16 @@ def _interpreted(backend: str | None, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
+def variant_specs(cfg: BenchConfig, models: dict) -> list[tuple[str, str, str | None]]:
+    """(model, dtype, compile tag) of every timed variant: ``cfg.variants``, else models x dtypes."""
+    if cfg.variants:
+        missing = sorted({m for m, _, _ in cfg.variants if m not in models})
+        if missing:
+            raise UsageError(f"variants name models that were not built: {', '.join(missing)}")
+        return list(cfg.variants)
+    return [(name, dt, "compile" if cfg.compile else None) for name in models for dt in cfg.dtypes]
+
+
 def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x: torch.Tensor, mode: str,
                 progress=None) -> list[Variant]:
     """Warm up, check and time every variant on input ``x`` in ``mode``; returns the filled variants."""
@@ -614,21 +731,27 @@ def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x:
     gen = torch.Generator().manual_seed(1)
     mask = (torch.rand(x.shape[:3], generator=gen) < 0.5).to(device=device, dtype=torch.long)
     variants: list[Variant] = []
-    for name, factory in models.items():
+    shared: dict[str, nn.Module] = {}
+    for name, dt, tag in variant_specs(cfg, models):
         backend = name[5:-1] if name.startswith("fast[") else None
         kind = "fast" if backend else name
-        shared = factory() if mode == "infer" else None
-        for dt in cfg.dtypes:
-            m = shared if shared is not None else factory()  # training steps change the weights: own copy
-            m = m.to(device).train(mode == "train")
-            if cfg.compile:
-                m = torch.compile(m)
-            v = Variant(name=name, model_kind=kind, backend=backend, dtype=dt, model=m)
-            if mode == "train":
-                v.opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
-            if _interpreted(backend, device):
-                v.timed, v.note = False, "Triton interpreter on CPU: correctness only, not timed"
-            variants.append(v)
+        if mode == "infer" and tag != "compile-layers":
+            if name not in shared:
+                shared[name] = models[name]().to(device).eval()
+            eager = shared[name]
+        else:  # training steps change the weights, compile-layers compiles in place: own copy
+            eager = models[name]().to(device).train(mode == "train")
+        v = Variant(name=name + (f"+{tag}" if tag else ""), model_kind=kind, backend=backend, dtype=dt,
+                    model=eager, compile=tag)
+        if _interpreted(backend, device):
+            v.timed, v.note = False, "Triton interpreter on CPU: correctness only, not timed"
+        elif tag == "compile-layers":  # the check gets an eager twin (same initial weights)
+            v.model, v.eager = _compile(eager, tag), models[name]().to(device).train(mode == "train")
+        elif tag in ("compile", "compile-ro"):
+            v.model, v.eager = _compile(eager, tag), eager
+        if mode == "train":
+            v.opt = torch.optim.AdamW(eager.parameters(), lr=1e-4, weight_decay=0.05)
+        variants.append(v)
 
     # Error reference: the reference model (else the first model) in fp32, dropout off.
     ref_name = "reference" if "reference" in models else next(iter(models))
@@ -682,7 +805,8 @@ def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x:
 
 def _row(cfg: BenchConfig, v: Variant, c: int, n: int, batch: int, mode: str, peaks: dict) -> dict:
     flops = model_flops(PRESETS[cfg.preset], c, n, batch, mode)
-    row = {"variant": v.name, "model": v.model_kind, "backend": v.backend, "dtype": v.dtype, "mode": mode,
+    row = {"variant": v.name, "model": v.model_kind, "backend": v.backend, "compile": v.compile,
+           "dtype": v.dtype, "mode": mode,
            "channels": c, "patches": n, "batch": batch, "timed": v.timed, "repeats": len(v.samples),
            "flops": flops, "rel_err_vs_fp32_reference": v.rel_err,
            "grad_rel_err_vs_fp32_reference": v.grad_rel_err, "peak_mem_bytes": v.peak_mem,
@@ -704,8 +828,20 @@ def _add_speedups(rows: list[dict]) -> None:
     def key(r: dict, dtype: str) -> tuple:
         return (r["mode"], r["channels"], r["patches"], r["batch"], dtype)
 
-    ref = {key(r, r["dtype"]): r for r in rows if r["model"] == "reference" and r["latency_s"]}
+    # The baseline is the eager reference: a compiled reference is one of the candidates for "best native".
+    ref = {key(r, r["dtype"]): r for r in rows
+           if r["model"] == "reference" and not r.get("compile") and r["latency_s"]}
+    native: dict[tuple, dict] = {}  # fastest variant without custom kernels, per group and dtype
     for r in rows:
+        if r["backend"] in (None, "torch") and r["latency_s"]:
+            best = native.get(key(r, r["dtype"]))
+            if best is None or r["latency_s"]["p50"] < best["latency_s"]["p50"]:
+                native[key(r, r["dtype"])] = r
+    for r in rows:
+        best = native.get(key(r, r["dtype"]))
+        r["best_native_variant"] = best["variant"] if best else None
+        r["speedup_vs_best_native"] = (best["latency_s"]["p50"] / r["latency_s"]["p50"]
+                                       if best and r["latency_s"] else None)
         same, fp32 = ref.get(key(r, r["dtype"])), ref.get(key(r, "fp32"))
         ok = r["latency_s"] is not None
         r["speedup_vs_reference"] = same["latency_s"]["p50"] / r["latency_s"]["p50"] if ok and same else None
@@ -756,7 +892,7 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
                 torch.cuda.empty_cache()
     _add_speedups(rows)
     mcfg = PRESETS[cfg.preset]
-    return {
+    doc = {
         "schema": SCHEMA, "created": created, "device": dev, "versions": versions(), "git": git_state(),
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "original": ({"path": cfg.original, **git_state(Path(cfg.original))} if cfg.original else None),
@@ -764,6 +900,56 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
         "model_config": mcfg.to_dict(), "input": "real 12-lead ECG (shipped CinC 2021 demo records), leads "
         "repeated to C channels, consecutive 1-s patches", "definitions": _definitions(), "results": rows,
     }
+    doc["summary"] = kernel_summary(rows)
+    return doc
+
+
+def kernel_summary(rows: list[dict], low: str = "bf16") -> list[dict]:
+    """The comparison the Triton-kernel issue asks for, per (mode, shape, batch): (a) the eager reference in
+    fp32, (b) the fastest torch-native variant (reference / original / fast[torch], any compilation) in
+    ``low`` precision, (c) the fastest Triton variant in ``low``; throughput, ratios, (c)'s utilisation.
+    Groups without a timed Triton variant are left out."""
+    out = []
+    groups = dict.fromkeys((r["mode"], r["channels"], r["patches"], r["batch"]) for r in rows)
+    for g in groups:
+        sel = [r for r in rows if (r["mode"], r["channels"], r["patches"], r["batch"]) == g and r["latency_s"]]
+
+        def fastest(pred):
+            cand = [r for r in sel if pred(r)]
+            return min(cand, key=lambda r: r["latency_s"]["p50"]) if cand else None
+
+        a = fastest(lambda r: r["model"] == "reference" and not r.get("compile") and r["dtype"] == "fp32")
+        b = fastest(lambda r: r["backend"] in (None, "torch") and r["dtype"] == low)
+        c = fastest(lambda r: r["backend"] == "triton" and r["dtype"] == low)
+        if c is None:
+            continue
+
+        def brief(r):
+            return None if r is None else {"variant": r["variant"], "dtype": r["dtype"],
+                                           "samples_per_s": r["samples_per_s"], "p50_s": r["latency_s"]["p50"],
+                                           "utilisation": r["utilisation"]}
+        out.append({"mode": g[0], "channels": g[1], "patches": g[2], "batch": g[3], "a": brief(a), "b": brief(b),
+                    "c": brief(c), "c_over_a": a and a["latency_s"]["p50"] / c["latency_s"]["p50"],
+                    "c_over_b": b and b["latency_s"]["p50"] / c["latency_s"]["p50"]})
+    return out
+
+
+def summary_table(summary: list[dict]) -> str:
+    """Markdown of :func:`kernel_summary` (empty string when there is nothing to compare)."""
+    if not summary:
+        return ""
+    lines = ["| mode | C×N | batch | (a) reference fp32 eager, samples/s | (b) best torch-native | samples/s | "
+             "(c) ours, Triton | samples/s | p50 ms (c) | (c)/(a) | (c)/(b) | util. (c) |",
+             "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        a, b, c = s["a"], s["b"], s["c"]
+        lines.append(
+            f"| {s['mode']} | {s['channels']}×{s['patches']} | {s['batch']} | "
+            f"{_fmt(a and a['samples_per_s'], '.1f')} | {b['variant'] + ' ' + b['dtype'] if b else '–'} | "
+            f"{_fmt(b and b['samples_per_s'], '.1f')} | {c['variant']} {c['dtype']} | {c['samples_per_s']:.1f} | "
+            f"{c['p50_s'] * 1e3:.3f} | {_fmt(s['c_over_a'], '.2f')} | {_fmt(s['c_over_b'], '.2f')} | "
+            f"{_fmt(c['utilisation'] and c['utilisation'] * 100, '.1f')}{'' if c['utilisation'] is None else ' %'} |")
+    return "\n".join(lines)
 
 
 def _definitions() -> dict:
@@ -775,15 +961,21 @@ def _definitions() -> dict:
         "flops": "analytic: 2 x multiply-adds of convs, linears and attention matmuls (norms, activations, "
                  "softmax, rFFT excluded); train = 3 x forward",
         "peak_mem": "bytes allocated above the pre-call level during one call (CUDA max_memory_allocated; CPU: "
-                    "torch allocator high-water mark from torch.profiler memory events)",
+                    "torch allocator high-water mark from torch.profiler memory events; 'graph' variants allocate "
+                    "nothing per replay: their memory sits in the graph's pool)",
         "speedup": "reference p50 / variant p50 in the same dtype (and vs the fp32 reference); in brackets the "
                    "10th-90th percentile of the per-round ratios (rounds are interleaved, so a round's variants "
                    "share the machine state)",
         "cpu_time": "CPU device only: process CPU time (time.process_time) of the same timed calls; on a "
                     "shared machine it leaves out the time spent waiting for a core, so its ratios are the "
                     "steadier comparison",
+        "compile": "per variant: " + "; ".join(f"{k}: {v}" for k, v in COMPILE_TAGS.items())
+                   + "; first_call_s includes the compilation",
+        "best_native": "speedup_vs_best_native: p50 of the fastest variant without custom kernels (reference, "
+                       "original, fast[torch]; any compilation) in the same group and dtype / this p50",
         "rel_err": "|y - y_ref| / |y_ref| of the output (grad_rel_err: of all parameter gradients) vs the "
-                   "reference model in fp32, dropout off, same input",
+                   "reference model in fp32, dropout off, same input (train: compiled variants are checked "
+                   "through their eager module)",
     }
 
 
@@ -807,8 +999,14 @@ def _fmt(x, spec: str, none: str = "–") -> str:
     return none if x is None else format(x, spec)
 
 
+_COMPILE_LABELS = {"compile": " + torch.compile", "compile-ro": " + compile (reduce-overhead)",
+                   "compile-layers": " + torch.compile per layer",
+                   "graph": " + CUDA graph"}
+
+
 def _variant_label(r: dict) -> str:
     label = f"cbramod-fast ({r['backend']})" if r["model"] == "fast" else r["model"]
+    label += _COMPILE_LABELS.get(r.get("compile") or "", "")
     return label if r["timed"] else f"{label}, interpreter: error only"
 
 
@@ -851,9 +1049,9 @@ def _repeats_text(doc: dict) -> str:
 
 
 def _compile_text(doc: dict) -> str:
-    if not doc["args"].get("compile"):
-        return ""
-    firsts = [r["first_call_s"] for r in doc["results"] if r["first_call_s"] is not None]
+    compiled = [r for r in doc["results"] if r.get("compile") in ("compile", "compile-ro", "compile-layers")
+                or (doc["args"].get("compile") and "compile" not in r)]  # files from before per-variant tags
+    firsts = [r["first_call_s"] for r in compiled if r["first_call_s"] is not None]
     return f", torch.compile (first calls incl. compilation: {min(firsts):.1f}–{max(firsts):.1f} s)" if firsts else ""
 
 
@@ -887,7 +1085,11 @@ def markdown_header(doc: dict) -> str:
 
 
 def render_markdown(doc: dict) -> str:
-    return (f"# cbramod-fast bench: {result_stem(doc)}\n\n{markdown_header(doc)}\n\n{markdown_table(doc)}\n\n"
+    summary = summary_table(doc.get("summary") or [])
+    summary = (f"Summary: (a) eager reference fp32, (b) fastest torch-native variant, (c) fastest Triton "
+               f"variant, both bf16; ratios of p50 latencies.\n\n{summary}\n\n") if summary else ""
+    return (f"# cbramod-fast bench: {result_stem(doc)}\n\n{markdown_header(doc)}\n\n{summary}"
+            f"{markdown_table(doc)}\n\n"
             "Definitions: " + "; ".join(f"**{k}**: {v}" for k, v in doc["definitions"].items()) + "\n")
 
 
@@ -952,9 +1154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--shapes", default="19x30", help="CxN list: channels x 1-s patches (default: 19x30)")
     p.add_argument("--batch", default="1,8", help="batch sizes (default: 1,8)")
-    p.add_argument("--dtype", default="fp32,bf16", help="fp32, bf16, fp16 (low precision = autocast; default: "
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (low precision = autocast; default: "
                    "fp32,bf16)")
-    p.add_argument("--backend", default="torch", help="fast-model backends: torch, triton, flash (default: torch)")
+    p.add_argument("--backend", default=None, help="fast-model backends: torch, triton, flash (default: torch)")
     p.add_argument("--mode", default="infer", help="infer (forward) and/or train (training step)")
     p.add_argument("--original", metavar="PATH", help="checkout of github.com/wjq-learning/CBraMod to compare too")
     p.add_argument("--preset", default="base", help=f"model preset: {', '.join(PRESETS)} (default: base)")
@@ -966,6 +1168,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "busy per the 1-min load average)")
     p.add_argument("--plot", action="store_true", help="also write a latency-vs-batch PNG")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (first call reported)")
+    p.add_argument("--variants", metavar="LIST", help="explicit variants instead of --backend x --dtype: "
+                   "MODEL:DTYPE[:TAG] with MODEL reference, original, torch, triton or flash and TAG "
+                   f"{', '.join(COMPILE_TAGS)} (e.g. reference:fp32,reference:bf16:compile,triton:bf16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -975,6 +1180,9 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_header(doc))
     print()
     print(markdown_table(doc))
+    if doc.get("summary"):
+        print()
+        print(summary_table(doc["summary"]))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -42,6 +42,14 @@ def _run_cli(capsys, *args: str) -> tuple[int, str, str]:
     (["--device", "tpu"], "tpu"),
     (["--warmup", "0"], "--warmup"),
     (["--original", "/nonexistent/CBraMod"], "models/cbramod.py"),
+    (["--variants", "triton"], "MODEL:DTYPE"),
+    (["--variants", "torch:bf16:jit"], "'jit'"),
+    (["--variants", "torch:fp8"], "fp8"),
+    (["--variants", "torch:bf16", "--backend", "triton"], "--backend"),
+    (["--variants", "torch:bf16", "--compile"], "--compile"),
+    (["--variants", "original:fp32"], "--original"),
+    (["--variants", "torch:bf16:graph"], "--device cuda"),
+    (["--variants", "cudnn:bf16"], "cudnn"),
 ])
 def test_bad_input_one_line_exit_2(capsys, monkeypatch, args, needle):
     monkeypatch.delenv("CBRAMOD_FAST_DEBUG", raising=False)
@@ -209,6 +217,23 @@ def test_tiny_run_cuda(tmp_path):
     assert B.write_results(doc, tmp_path, plot=True)[0].name.startswith("cuda-")
 
 
+@pytest.mark.gpu
+def test_tiny_run_cuda_graph_and_triton_summary(tmp_path):
+    cfg = B.BenchConfig(device="cuda", preset="tiny", shapes=((4, 3),), batches=(1, 4), modes=("infer",),
+                        repeats=5, out=str(tmp_path), quiet=True, backends=("torch", "triton"),
+                        variants=(("reference", "fp32", None), ("fast[torch]", "bf16", None),
+                                  ("fast[triton]", "bf16", None), ("fast[triton]", "bf16", "graph"),
+                                  ("fast[triton]", "fp32", "graph")))
+    doc = B.run_bench(cfg)
+    for r in doc["results"]:
+        assert r["latency_s"]["p50"] > 0
+        # the replayed graph computes the model: its output is checked like every timed variant's
+        assert r["rel_err_vs_fp32_reference"] < (1e-4 if r["dtype"] == "fp32" else 5e-2), r["variant"]
+    assert [(s["batch"], s["c"]["variant"].startswith("fast[triton]")) for s in doc["summary"]] == [(1, True),
+                                                                                                    (4, True)]
+    assert "Summary:" in B.render_markdown(doc)
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or not kernels.triton_available(),
                     reason="CPU-only check of the Triton interpreter path; needs cbramod_fast.kernels.criss_cross")
 def test_triton_under_interpreter_is_checked_not_timed(tmp_path):
@@ -265,3 +290,81 @@ def test_readme_results_rendered_from_result_files():
         docs = report.load_results()
     readme = (REPO / "README.md").read_text()
     assert report.splice(readme, report.render(docs)) == readme, "run `python bench/report.py`"
+
+
+def test_parse_variants():
+    assert B.parse_variants("reference:fp32, triton:bfloat16:compile,torch:bf16:graph,reference:fp32") == (
+        ("reference", "fp32", None), ("fast[triton]", "bf16", "compile"), ("fast[torch]", "bf16", "graph"))
+    with pytest.raises(cli.UsageError, match="names no variant"):
+        B.parse_variants(" , ")
+
+
+def _row(variant, backend, dtype, p50, compile=None, mode="train", batch=64, util=0.1):
+    model = "fast" if backend else variant
+    return {"variant": variant, "model": model, "backend": backend, "compile": compile, "dtype": dtype,
+            "mode": mode, "channels": 19, "patches": 30, "batch": batch, "timed": True,
+            "latency_s": {"p50": p50}, "samples_per_s": batch / p50, "utilisation": util, "times_s": [p50],
+            "cpu_time_s": None}
+
+
+def test_speedups_and_summary_pick_eager_reference_and_fastest_native():
+    rows = [_row("reference", None, "fp32", 0.40), _row("reference+compile", None, "bf16", 0.10, "compile"),
+            _row("reference", None, "bf16", 0.20), _row("fast[torch]+compile", "torch", "bf16", 0.08, "compile"),
+            _row("fast[triton]", "triton", "bf16", 0.05), _row("fast[triton]+compile", "triton", "bf16", 0.04,
+                                                                "compile", util=0.4),
+            _row("reference", None, "fp32", 0.01, batch=1)]  # a group without Triton: no summary line
+    B._add_speedups(rows)
+    by = {(r["variant"], r["dtype"], r["batch"]): r for r in rows}
+    # the baseline is the eager reference, never its compiled twin
+    assert by[("reference+compile", "bf16", 64)]["speedup_vs_reference"] == pytest.approx(2.0)
+    assert by[("fast[triton]+compile", "bf16", 64)]["speedup_vs_reference_fp32"] == pytest.approx(10.0)
+    assert by[("fast[triton]+compile", "bf16", 64)]["speedup_vs_best_native"] == pytest.approx(2.0)
+    assert by[("fast[triton]", "bf16", 64)]["best_native_variant"] == "fast[torch]+compile"
+    (s,) = B.kernel_summary(rows)
+    assert (s["a"]["variant"], s["b"]["variant"], s["c"]["variant"]) == ("reference", "fast[torch]+compile",
+                                                                         "fast[triton]+compile")
+    assert s["c_over_a"] == pytest.approx(10.0) and s["c_over_b"] == pytest.approx(2.0)
+    table = B.summary_table([s])
+    assert "| train | 19×30 | 64 | 160.0 | fast[torch]+compile bf16 | 800.0 | fast[triton]+compile bf16 | 1600.0 |" \
+        in table and "| 10.00 | 2.00 | 40.0 % |" in table
+    assert B.summary_table([]) == ""
+
+
+def test_compile_tags_wrap_the_right_variants(monkeypatch, tmp_path):
+    # torch.compile itself is stubbed (Inductor on 2 CPU cores takes minutes); checked: which variants are
+    # compiled, how, that compile-layers compiles each encoder layer of its own instance, and the labels.
+    calls = []
+
+    def fake_compile(fn, *, mode=None, dynamic=None, **kw):
+        calls.append((type(getattr(fn, "__self__", fn)).__name__, mode, dynamic))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = B.BenchConfig(preset="tiny", shapes=((3, 2),), batches=(1,), modes=("infer", "train"), repeats=2,
+                        quiet=True, threads=1, backends=("torch",),
+                        variants=(("reference", "fp32", None), ("reference", "fp32", "compile"),
+                                  ("fast[torch]", "fp32", "compile-layers"), ("fast[torch]", "fp32", "compile-ro")))
+    doc = B.run_bench(cfg)
+    n_layer = PRESETS["tiny"].n_layer
+    per_mode = [("ReferenceCBraMod", None, False)] + [("CrissCrossLayer", None, False)] * n_layer + [
+        ("CBraMod", "reduce-overhead", False)]
+    assert calls == per_mode * 2
+    labels = [B._variant_label(r) for r in doc["results"] if r["mode"] == "train"]
+    assert labels == ["reference", "reference + torch.compile", "cbramod-fast (torch) + torch.compile per layer",
+                      "cbramod-fast (torch) + compile (reduce-overhead)"]
+    for r in doc["results"]:
+        assert r["rel_err_vs_fp32_reference"] < 1e-5 and r["speedup_vs_best_native"] > 0
+    assert doc["summary"] == []  # no Triton variant timed
+    md = B.render_markdown(doc)
+    assert "torch.compile (first calls incl. compilation" in md and "Summary:" not in md
+
+
+def test_repeated_layers_finds_the_encoder_layers():
+    from cbramod_fast import ReferenceCBraMod
+
+    cfg = PRESETS["tiny"]
+    assert len(B.repeated_layers(CBraMod(**cfg.to_dict(), backend="torch"))) == cfg.n_layer
+    ref = ReferenceCBraMod(**{k: v for k, v in cfg.to_dict().items() if k != "dropout"})
+    assert len(B.repeated_layers(ref)) == cfg.n_layer
+    with pytest.raises(cli.UsageError, match="no list of repeated layers"):
+        B.repeated_layers(torch.nn.Linear(2, 2))
