@@ -491,6 +491,7 @@ class Variant:
     grad_rel_err: float | None = None
     compile: str | None = None  # a COMPILE_TAGS key, or None for eager
     eager: nn.Module | None = None  # the uncompiled module (the train-mode error check runs it)
+    failed: str | None = None  # where and why the variant failed (it is then untimed)
 
 
 def build_models(cfg: BenchConfig) -> dict[str, Callable[[], nn.Module]]:
@@ -714,6 +715,27 @@ def _interpreted(backend: str | None, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
+def _guarded(v: Variant, what: str, fn, device: str):
+    """``fn()``, or on an error (a compilation or CUDA-graph capture that fails, an OOM) the variant is marked
+    failed and left untimed, so one broken variant does not lose the rest of the run; ``run`` then exits 1.
+    Usage errors still stop the run (exit 2)."""
+    if v.failed:
+        return None
+    try:
+        return fn()
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded in the result file and reported
+        msg = (str(exc).strip().splitlines() or [""])[0][:300]
+        v.failed = f"{what}: {type(exc).__name__}: {msg}"
+        v.timed, v.note, v.opt, v.model, v.eager = False, f"failed in {v.failed}", None, None, None
+        print(f"cbramod-fast bench: variant {v.name} {v.dtype} failed in {v.failed}", file=sys.stderr)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return None
+
+
 def variant_specs(cfg: BenchConfig, models: dict) -> list[tuple[str, str, str | None]]:
     """(model, dtype, compile tag) of every timed variant: ``cfg.variants``, else models x dtypes."""
     if cfg.variants:
@@ -760,33 +782,43 @@ def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x:
     ref_out, ref_grad = _check_pass(ref_v, x, mask, mode, device)
     del ref_model, ref_v
 
-    steps = {id(v): _step_fn(v, x, mask, mode, device) for v in variants}
+    steps = {}
     for v in variants:
+        def make(v=v):
+            steps[id(v)] = _step_fn(v, x, mask, mode, device)
+        _guarded(v, "setup", make, device)
+
+    for v in [v for v in variants if not v.failed]:
         if mode == "train" or not v.timed:
-            out, grads = _check_pass(v, x, mask, mode, device)
-            v.rel_err = _rel_err(out, ref_out)
-            if grads is not None and ref_grad is not None and grads.numel() == ref_grad.numel():
-                v.grad_rel_err = _rel_err(grads, ref_grad)
-    timed = [v for v in variants if v.timed]
+            def check(v=v):
+                out, grads = _check_pass(v, x, mask, mode, device)
+                v.rel_err = _rel_err(out, ref_out)
+                if grads is not None and ref_grad is not None and grads.numel() == ref_grad.numel():
+                    v.grad_rel_err = _rel_err(grads, ref_grad)
+            _guarded(v, "check", check, device)
     round_s = 0.0
     for w in range(cfg.warmup):
         round_s = 0.0
-        for v in timed:
-            seconds = _timed_call(steps[id(v)], device)
-            if w == 0:
-                v.first_call_s = seconds  # includes compilation with --compile
-            round_s += seconds
+        for v in [v for v in variants if v.timed]:
+            def warm(v=v, w=w):
+                seconds = _timed_call(steps[id(v)], device)
+                if w == 0:
+                    v.first_call_s = seconds  # includes compilation for compiled variants
+                return seconds
+            round_s += _guarded(v, "warm-up", warm, device) or 0.0
     # One untimed call after the warm-up (so one-time allocations such as AdamW state are not counted):
     # peak memory, and for infer the output to check.
-    for v in timed:
-        if mode == "infer":
-            holder: list[torch.Tensor] = []
-            step = steps[id(v)]
-            _, v.peak_mem = _peak_memory_call(lambda s=step, h=holder: h.append(s()), device)
-            v.rel_err = _rel_err(holder[0].float(), ref_out)
-            del holder
-        else:
-            _, v.peak_mem = _peak_memory_call(steps[id(v)], device)
+    for v in [v for v in variants if v.timed]:
+        def peak(v=v):
+            if mode == "infer":
+                holder: list[torch.Tensor] = []
+                step = steps[id(v)]
+                _, v.peak_mem = _peak_memory_call(lambda s=step, h=holder: h.append(s()), device)
+                v.rel_err = _rel_err(holder[0].float(), ref_out)
+            else:
+                _, v.peak_mem = _peak_memory_call(steps[id(v)], device)
+        _guarded(v, "peak-memory call", peak, device)
+    timed = [v for v in variants if v.timed]
     repeats = cfg.repeats or max(AUTO_MIN, min(AUTO_MAX, int(AUTO_BUDGET_S / max(round_s, 1e-6))))
     for r in range(repeats):
         order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []  # rotate: no fixed slot
@@ -810,7 +842,7 @@ def _row(cfg: BenchConfig, v: Variant, c: int, n: int, batch: int, mode: str, pe
            "channels": c, "patches": n, "batch": batch, "timed": v.timed, "repeats": len(v.samples),
            "flops": flops, "rel_err_vs_fp32_reference": v.rel_err,
            "grad_rel_err_vs_fp32_reference": v.grad_rel_err, "peak_mem_bytes": v.peak_mem,
-           "first_call_s": v.first_call_s, "note": v.note}
+           "first_call_s": v.first_call_s, "note": v.note, "failed": v.failed}
     if v.samples:
         lat = _quantiles(v.samples)
         peak = peaks.get(v.dtype)
@@ -905,8 +937,8 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
 
 
 def kernel_summary(rows: list[dict], low: str = "bf16") -> list[dict]:
-    """The comparison the Triton-kernel issue asks for, per (mode, shape, batch): (a) the eager reference in
-    fp32, (b) the fastest torch-native variant (reference / original / fast[torch], any compilation) in
+    """The comparison the Triton-kernel issue asks for, per (mode, shape, batch): (a) the original
+    implementation (from ``--original``) in fp32 eager, else the eager in-repo reference, (b) the fastest torch-native variant (reference / original / fast[torch], any compilation) in
     ``low`` precision, (c) the fastest Triton variant in ``low``; throughput, ratios, (c)'s utilisation.
     Groups without a timed Triton variant are left out."""
     out = []
@@ -918,7 +950,8 @@ def kernel_summary(rows: list[dict], low: str = "bf16") -> list[dict]:
             cand = [r for r in sel if pred(r)]
             return min(cand, key=lambda r: r["latency_s"]["p50"]) if cand else None
 
-        a = fastest(lambda r: r["model"] == "reference" and not r.get("compile") and r["dtype"] == "fp32")
+        a = (fastest(lambda r: r["model"] == "original" and not r.get("compile") and r["dtype"] == "fp32")
+             or fastest(lambda r: r["model"] == "reference" and not r.get("compile") and r["dtype"] == "fp32"))
         b = fastest(lambda r: r["backend"] in (None, "torch") and r["dtype"] == low)
         c = fastest(lambda r: r["backend"] == "triton" and r["dtype"] == low)
         if c is None:
@@ -938,13 +971,13 @@ def summary_table(summary: list[dict]) -> str:
     """Markdown of :func:`kernel_summary` (empty string when there is nothing to compare)."""
     if not summary:
         return ""
-    lines = ["| mode | C×N | batch | (a) reference fp32 eager, samples/s | (b) best torch-native | samples/s | "
+    lines = ["| mode | C×N | batch | (a) fp32 eager | samples/s | (b) best torch-native | samples/s | "
              "(c) ours, Triton | samples/s | p50 ms (c) | (c)/(a) | (c)/(b) | util. (c) |",
-             "|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|"]
     for s in summary:
         a, b, c = s["a"], s["b"], s["c"]
         lines.append(
-            f"| {s['mode']} | {s['channels']}×{s['patches']} | {s['batch']} | "
+            f"| {s['mode']} | {s['channels']}×{s['patches']} | {s['batch']} | {a['variant'] if a else '–'} | "
             f"{_fmt(a and a['samples_per_s'], '.1f')} | {b['variant'] + ' ' + b['dtype'] if b else '–'} | "
             f"{_fmt(b and b['samples_per_s'], '.1f')} | {c['variant']} {c['dtype']} | {c['samples_per_s']:.1f} | "
             f"{c['p50_s'] * 1e3:.3f} | {_fmt(s['c_over_a'], '.2f')} | {_fmt(s['c_over_b'], '.2f')} | "
@@ -1007,6 +1040,8 @@ _COMPILE_LABELS = {"compile": " + torch.compile", "compile-ro": " + compile (red
 def _variant_label(r: dict) -> str:
     label = f"cbramod-fast ({r['backend']})" if r["model"] == "fast" else r["model"]
     label += _COMPILE_LABELS.get(r.get("compile") or "", "")
+    if r.get("failed"):
+        return f"{label}, FAILED in {r['failed'].split(':')[0]}"
     return label if r["timed"] else f"{label}, interpreter: error only"
 
 
@@ -1086,8 +1121,8 @@ def markdown_header(doc: dict) -> str:
 
 def render_markdown(doc: dict) -> str:
     summary = summary_table(doc.get("summary") or [])
-    summary = (f"Summary: (a) eager reference fp32, (b) fastest torch-native variant, (c) fastest Triton "
-               f"variant, both bf16; ratios of p50 latencies.\n\n{summary}\n\n") if summary else ""
+    summary = (f"Summary: (a) original (else reference) fp32 eager, (b) fastest torch-native variant, (c) "
+               f"fastest Triton variant, both bf16; ratios of p50 latencies.\n\n{summary}\n\n") if summary else ""
     return (f"# cbramod-fast bench: {result_stem(doc)}\n\n{markdown_header(doc)}\n\n{summary}"
             f"{markdown_table(doc)}\n\n"
             "Definitions: " + "; ".join(f"**{k}**: {v}" for k, v in doc["definitions"].items()) + "\n")
@@ -1184,7 +1219,11 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(summary_table(doc["summary"]))
     print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
+    failed = [f"{r['variant']} {r['dtype']} ({r['mode']} {r['channels']}x{r['patches']} batch {r['batch']}): "
+              f"{r['failed']}" for r in doc["results"] if r.get("failed")]
+    for line in failed:
+        print(f"cbramod-fast bench: failed variant: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 COMMANDS = {"bench": (add_arguments, run)}

@@ -325,8 +325,13 @@ def test_speedups_and_summary_pick_eager_reference_and_fastest_native():
                                                                          "fast[triton]+compile")
     assert s["c_over_a"] == pytest.approx(10.0) and s["c_over_b"] == pytest.approx(2.0)
     table = B.summary_table([s])
-    assert "| train | 19×30 | 64 | 160.0 | fast[torch]+compile bf16 | 800.0 | fast[triton]+compile bf16 | 1600.0 |" \
-        in table and "| 10.00 | 2.00 | 40.0 % |" in table
+    assert ("| train | 19×30 | 64 | reference | 160.0 | fast[torch]+compile bf16 | 800.0 | fast[triton]+compile bf16 "
+            "| 1600.0 |") in table and "| 10.00 | 2.00 | 40.0 % |" in table
+    # with the original implementation in the run, (a) is the original
+    rows.append(_row("original", None, "fp32", 0.5))
+    B._add_speedups(rows)
+    assert B.kernel_summary(rows)[0]["a"]["variant"] == "original"
+    assert B.kernel_summary(rows)[0]["c_over_a"] == pytest.approx(12.5)
     assert B.summary_table([]) == ""
 
 
@@ -368,3 +373,24 @@ def test_repeated_layers_finds_the_encoder_layers():
     assert len(B.repeated_layers(ref)) == cfg.n_layer
     with pytest.raises(cli.UsageError, match="no list of repeated layers"):
         B.repeated_layers(torch.nn.Linear(2, 2))
+
+
+def test_a_failing_variant_is_recorded_and_the_rest_measured(monkeypatch, tmp_path, capsys):
+    # E.g. an Inductor or CUDA-graph failure on a first GPU run: the other variants' numbers must survive.
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("inductor broke\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    code = cli.main(["bench", "--preset", "tiny", "--shapes", "3x2", "--batch", "1", "--mode", "train",
+                     "--variants", "reference:fp32,torch:fp32:compile,torch:fp32", "--repeats", "2",
+                     "--threads", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "failed variant: fast[torch]+compile fp32" in err and "inductor broke" in err
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = {r["variant"]: r for r in doc["results"]}
+    bad = rows["fast[torch]+compile"]
+    assert bad["failed"] == "warm-up: RuntimeError: inductor broke" and not bad["timed"] and bad["latency_s"] is None
+    assert rows["reference"]["repeats"] == 2 and rows["fast[torch]"]["repeats"] == 2
+    assert "cbramod-fast (torch) + torch.compile, FAILED in warm-up" in next(tmp_path.glob("*.md")).read_text()
