@@ -1,10 +1,12 @@
-"""Does pretraining help? A linear probe on a real labelled ECG task.
+"""Does pretraining help? Linear probes of frozen encoders on real labelled ECG tasks.
 
-Task: atrial fibrillation vs normal sinus rhythm per 10-s window of CPSC 2021 (2 leads, I and II, 200 Hz),
-labels from the rhythm notes (``(AFIB`` ... ``(N``) of each record's ``.atr``. Splits are by patient
-(every record of a patient on one side), so no window of a test patient is ever seen in training.
-Features: the frozen encoder's output (B, C, N, 200) averaged over patches, and its standard deviation
-over patches, for each present lead; a standardised logistic regression on top.
+Tasks (``TASKS``; labels from the recordings' annotations or conditions, splits by subject/patient):
+eegmat ECG rest vs mental arithmetic (leave-one-subject-out), heart rate per window from the annotated beats
+of CPSC 2021 and MIT-BIH 100 (leave-one-patient-out ridge regression), CPSC 2021 AF vs normal rhythm.
+Each task's encoders are pretrained on every other ECG source in ``../shared/data`` (``Task.exclude``), so
+no window, subject or patient of a probe task is in its pretraining. Features: the frozen encoder's output
+averaged over patches, and its standard deviation over patches, for each present lead (``FEATURES``: last
+layer, or the patch embedding and every layer concatenated); a standardised linear model on top.
 
 ``read_wfdb_windows`` is also the small in-memory reader the pretraining tests and the probe use:
 ``signal.preprocess`` (band-pass, resampling to 200 Hz, µV/100 scaling) and fixed windows.
@@ -32,9 +34,13 @@ class Windows:
     start_s: np.ndarray  # (W,) window start in seconds from the record's beginning
 
 
+_BY_UPPER = {lead.upper(): lead for lead in STANDARD_LEADS}
+
+
 def _lead_name(name: str) -> str:
+    """Standard spelling of a lead name (case-insensitive: PTB writes ``i``, ``avr``, ``v1``)."""
     n = name.strip()
-    return _ALIASES.get(n.upper(), _ALIASES.get(n, n))
+    return _ALIASES.get(n.upper(), _BY_UPPER.get(n.upper(), n))
 
 
 def read_wfdb_windows(records: list[str | Path], leads: tuple[str, ...] = STANDARD_LEADS, window_s: int = 10,
@@ -143,8 +149,9 @@ def af_labels(records: list[Path], windows: Windows, fs_rec: dict[str, float], w
     return y
 
 
-def load_eegmat_ecg(folder: str | Path, lead: str = "II") -> tuple[Windows, np.ndarray, np.ndarray]:
-    """eegmat's single ECG channel as windows (placed in the ``lead`` slot), label 1 = mental arithmetic
+def load_eegmat_ecg(folder: str | Path, lead: str = "II", leads: tuple[str, ...] = STANDARD_LEADS
+                    ) -> tuple[Windows, np.ndarray, np.ndarray]:
+    """eegmat's single ECG channel as windows (in the ``lead`` slot of ``leads``), label 1 = mental arithmetic
     (``SubjectXX_2``), 0 = rest (``SubjectXX_1``), and the subject of each window."""
     import pyedflib
 
@@ -162,33 +169,90 @@ def load_eegmat_ecg(folder: str | Path, lead: str = "II") -> tuple[Windows, np.n
             if unit is None:
                 raise ValueError(f"{f}: unknown ECG unit {edf.getPhysicalDimension(i)!r}")
             sig = edf.readSignal(i)[None].astype(np.float64) * unit
-            parts.append(windows_from_signal(sig, edf.getSampleFrequency(i), [lead], f.stem))
+            parts.append(windows_from_signal(sig, edf.getSampleFrequency(i), [lead], f.stem, leads))
     w = _concat(parts, str(folder))
     y = np.asarray([int(r.endswith("_2")) for r in w.record])
     return w, y, np.asarray([r.split("_")[0] for r in w.record])
 
 
 def patient_of(record: str) -> str:
-    """CPSC 2021 record names are ``data_<patient>_<segment>``."""
-    return record.split("_")[1]
+    """Patient of a record: CPSC 2021 names are ``data_<patient>_<segment>``; MIT-BIH records are patients."""
+    return record.split("_")[1] if record.startswith("data_") else f"mitdb{record}"
 
 
-# -- features and the probe --------------------------------------------------------------------------------
+# WFDB beat-annotation symbols (rhythm notes "+", signal-quality marks etc. are not beats).
+BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")
+
+
+def beat_samples(record: str | Path) -> np.ndarray:
+    """Sample indices of the annotated beats (R peaks) in ``record.atr``."""
+    import wfdb
+
+    ann = wfdb.rdann(str(record), "atr")
+    return np.asarray([s for s, sym in zip(ann.sample, ann.symbol) if sym in BEAT_SYMBOLS], np.int64)
+
+
+def heart_rate_labels(records: list[Path], windows: Windows, fs_rec: dict[str, float],
+                      window_s: int = 10) -> np.ndarray:
+    """Mean heart rate (bpm) of each window from the annotated beats: 60 · (k − 1) / (t_last − t_first) over
+    the k beats inside it; NaN when fewer than 3 beats (the caller drops those)."""
+    beats = {Path(r).name: beat_samples(r) for r in records}
+    y = np.full(len(windows.record), np.nan)
+    for i, (name, t0) in enumerate(zip(windows.record, windows.start_s)):
+        fs = fs_rec[name]
+        b = beats[name]
+        b = b[(b >= t0 * fs) & (b < (t0 + window_s) * fs)]
+        if len(b) >= 3:
+            y[i] = 60.0 * fs * (len(b) - 1) / (b[-1] - b[0])
+    return y
+
+
+# -- features and the probes -------------------------------------------------------------------------------
+FEATURES = ("last", "all")  # last layer only | patch embedding + every layer, concatenated
+
+
+def _pool(h: torch.Tensor) -> np.ndarray:
+    """(B, C, N, D) -> (B, C, 2D): mean and std over patches."""
+    return torch.cat([h.mean(dim=2), h.std(dim=2)], dim=-1).numpy()
+
+
+def _present_leads(f: np.ndarray, present: np.ndarray) -> np.ndarray:
+    keep = present[0]  # the probe's windows all have the same present leads
+    if not (present == keep).all():
+        raise ValueError("features: windows with different lead sets")
+    return f[:, keep].reshape(len(f), -1)
+
+
 @torch.no_grad()
-def encoder_features(model: torch.nn.Module, x: np.ndarray, present: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Frozen-encoder features: per present lead, the mean and std over patches of ``encode`` (eval mode)."""
+def encoder_features(model: torch.nn.Module, x: np.ndarray, present: np.ndarray, batch: int = 32,
+                     layers: str = "last") -> np.ndarray:
+    """Frozen-encoder features (eval mode): per present lead, the mean and std over patches of the last
+    layer's output (``layers="last"``), or of the patch embedding and of every layer, concatenated
+    (``layers="all"``: lower layers may transfer better than the last, which is tuned to reconstruction)."""
+    from .kernels import resolve_backend
+
+    if layers not in FEATURES:
+        raise ValueError(f"layers must be one of {FEATURES}, got {layers!r}")
     model.eval()
     feats = []
     for i in range(0, len(x), batch):
         xb = torch.from_numpy(x[i:i + batch])
-        h = model.encode(xb)  # (B, C, N, D)
-        f = torch.cat([h.mean(dim=2), h.std(dim=2)], dim=-1)  # (B, C, 2D)
-        feats.append(f.numpy())
-    f = np.concatenate(feats)
-    keep = present[0]  # the probe's windows all have the same present leads
-    if not (present == keep).all():
-        raise ValueError("encoder_features: windows with different lead sets")
-    return f[:, keep].reshape(len(f), -1)
+        if layers == "last":
+            feats.append(_pool(model.encode(xb)))
+            continue
+        backend = resolve_backend(model.backend, xb.device)
+        h = model.patch_embedding(xb)
+        outs = [_pool(h)]
+        for layer in model.encoder.layers:
+            h = layer(h, backend)
+            outs.append(_pool(h))
+        feats.append(np.concatenate(outs, axis=-1))
+    return _present_leads(np.concatenate(feats), present)
+
+
+def raw_features(x: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """The same pooling applied to the raw 200-sample patches: the no-encoder reference."""
+    return _present_leads(_pool(torch.from_numpy(x)), present)
 
 
 @dataclass
@@ -234,13 +298,50 @@ def linear_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, name: 
     return ProbeResult(name, float(np.mean(bal)), float(np.mean(aucs)), rows)
 
 
-# -- the experiment ----------------------------------------------------------------------------------------
-def load_cpsc2021(folder: str | Path) -> tuple[Windows, np.ndarray, np.ndarray]:
-    """CPSC 2021 windows in the 12-lead layout (I, II present), AF labels, patient of each window."""
+@dataclass
+class RegressionResult:
+    name: str
+    mae: float  # bpm, over all held-out windows
+    r: float  # Pearson correlation of prediction and label, over all held-out windows
+    mae_mean_predictor: float  # MAE when every fold predicts its training mean (the floor a probe must beat)
+    folds: list[dict]
+
+
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+
+
+def ridge_probe(features: np.ndarray, y: np.ndarray, groups: np.ndarray, name: str) -> RegressionResult:
+    """Leave-one-group-out standardised ridge regression. The penalty is chosen per fold from
+    ``RIDGE_ALPHAS`` by an inner leave-one-group-out over the training groups only (no fixed value
+    suits feature sets of 800 to 2,400 dimensions alike; the test group never takes part)."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pred, base = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    rows = []
+    for g in sorted(set(groups.tolist())):
+        test = groups == g
+        search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": list(RIDGE_ALPHAS)},
+                              cv=LeaveOneGroupOut(), scoring="neg_mean_absolute_error")
+        search.fit(features[~test], y[~test], groups=groups[~test])
+        pred[test] = search.predict(features[test])
+        base[test] = y[~test].mean()
+        rows.append({"test_groups": [str(g)], "mae": float(np.abs(pred[test] - y[test]).mean()),
+                     "alpha": float(search.best_params_["ridge__alpha"]), "n_test": int(test.sum())})
+    return RegressionResult(name, float(np.abs(pred - y).mean()), float(np.corrcoef(pred, y)[0, 1]),
+                            float(np.abs(base - y).mean()), rows)
+
+
+# -- data of the experiment ----------------------------------------------------------------------------------
+def load_cpsc2021(folder: str | Path, leads: tuple[str, ...] = STANDARD_LEADS
+                  ) -> tuple[Windows, np.ndarray, np.ndarray]:
+    """CPSC 2021 windows in the layout ``leads`` (I, II present), AF labels, patient of each window."""
     import wfdb
 
     recs = records_in(folder)
-    w = read_wfdb_windows(recs)
+    w = read_wfdb_windows(recs, leads=leads)
     fs = {r.name: float(wfdb.rdheader(str(r)).fs) for r in recs}
     y = af_labels(recs, w, fs)
     keep = y >= 0
@@ -248,76 +349,201 @@ def load_cpsc2021(folder: str | Path) -> tuple[Windows, np.ndarray, np.ndarray]:
     return w, y[keep], np.asarray([patient_of(r) for r in w.record])
 
 
+def load_heart_rate(data_dir: str | Path, leads: tuple[str, ...] = STANDARD_LEADS
+                    ) -> tuple[Windows, np.ndarray, np.ndarray]:
+    """CPSC 2021 (4 patients) and MIT-BIH 100 (1 patient) windows in the layout ``leads`` with only lead II
+    present (the lead both have), heart rate from the annotated beats, patient of each window."""
+    import wfdb
+
+    data_dir = Path(data_dir)
+    recs = records_in(data_dir / "ecg_cpsc2021") + records_in(data_dir / "ecg_mitdb_100")
+    w = read_wfdb_windows(recs, leads=("II",))
+    x = np.zeros((len(w.x), len(leads), *w.x.shape[2:]), np.float32)
+    x[:, leads.index("II")] = w.x[:, 0]
+    w = Windows(x, np.tile(np.asarray(leads) == "II", (len(x), 1)), w.record, w.start_s)
+    fs = {r.name: float(wfdb.rdheader(str(r)).fs) for r in recs}
+    y = heart_rate_labels(recs, w, fs)
+    keep = np.isfinite(y)
+    w = Windows(w.x[keep], w.present[keep], [r for r, k in zip(w.record, keep) if k], w.start_s[keep])
+    return w, y[keep], np.asarray([patient_of(r) for r in w.record])
+
+
+# The experiment's lead layout: the leads of the probe recordings (CPSC 2021: I, II; MIT-BIH: II, V5; eegmat:
+# one lead, put in II). CinC 2021 and PTB contribute these 3 of their 12 leads. Nearly every window has only
+# 1-2 leads, so a 12-lead layout would spend ~5/6 of the compute on absent (zero) leads.
+EXPERIMENT_LEADS = ("I", "II", "V5")
+
+# Every ECG source in ../shared/data with at least one 10-s window (macecgdb's 8-s record has none).
+ECG_SOURCES = {"cpsc2021": "ecg_cpsc2021", "mitdb100": "ecg_mitdb_100", "cinc2021": "ecg_cinc2021",
+               "ptbdb": "ecg_ptbdb_s0010_re", "eegmat": "eeg_ecg_eegmat"}
+
+
+def load_source(data_dir: str | Path, source: str, leads: tuple[str, ...] = EXPERIMENT_LEADS) -> Windows:
+    """All windows of one source in the layout ``leads`` (no labels: pretraining input)."""
+    folder = Path(data_dir) / ECG_SOURCES[source]
+    if source == "eegmat":
+        return load_eegmat_ecg(folder, leads=leads)[0]
+    return read_wfdb_windows(records_in(folder), leads=leads)
+
+
+@dataclass(frozen=True)
+class Task:
+    description: str
+    kind: str  # "classification" (linear_probe) or "regression" (ridge_probe)
+    load: object  # data_dir -> (Windows, labels, groups)
+    exclude: tuple[str, ...]  # ECG sources kept out of this task's pretraining corpus
+
+
 TASKS = {
-    "cpsc2021_af": (("CPSC 2021: AF vs normal rhythm per 10-s window, leads I+II; folds = every (AF patient, "
-                    "normal patient) pair held out"), "data/ecg_cpsc2021", load_cpsc2021),
-    "eegmat_ecg_task": (("eegmat ECG: mental arithmetic vs rest per 10-s window, single ECG lead; "
-                        "leave-one-subject-out (12 folds)"), "data/eeg_ecg_eegmat", load_eegmat_ecg),
+    "eegmat_ecg_task": Task("eegmat ECG: mental arithmetic vs rest per 10-s window, single ECG lead; "
+                            "leave-one-subject-out (12 folds)", "classification",
+                            lambda d: load_eegmat_ecg(Path(d) / "eeg_ecg_eegmat", leads=EXPERIMENT_LEADS),
+                            ("eegmat",)),
+    "heart_rate": Task("CPSC 2021 + MIT-BIH 100: heart rate (bpm) per 10-s window from the annotated beats "
+                       "(.atr), lead II; leave-one-patient-out (5 folds)", "regression",
+                       lambda d: load_heart_rate(d, EXPERIMENT_LEADS),
+                       ("cpsc2021", "mitdb100")),
+    # Excludes MIT-BIH 100 too, so that it shares the heart-rate task's pretraining runs.
+    "cpsc2021_af": Task("CPSC 2021: AF vs normal rhythm per 10-s window, leads I+II; folds = every "
+                        "(AF patient, normal patient) pair held out", "classification",
+                        lambda d: load_cpsc2021(Path(d) / "ecg_cpsc2021", EXPERIMENT_LEADS),
+                        ("cpsc2021", "mitdb100")),
 }
 
+MASKINGS = {"patch-only": {"patch_ratio": 0.5, "lead_ratio": 0.0},
+            "dual": {"patch_ratio": 0.5, "lead_ratio": 0.25}}
 
-def pretrain_variant(out_dir: Path, name: str, steps: int, preset: str = "small", seed: int = 0,
-                     batch_size: int = 32, lr: float = 1e-3, **mask_kw) -> Path:
-    """Pretrain on the shipped demo sample only (no probe data) into ``out_dir/name``; reuse a finished run."""
-    from .pretrain import DEMO_DATA, ArrayLoader, PretrainConfig, pretrain
 
-    run = out_dir / name
+def pretraining_corpus(data_dir: str | Path, exclude: tuple[str, ...]) -> tuple[Windows, list[str]]:
+    """Every ECG source except ``exclude`` (the probe task's own recordings), concatenated."""
+    sources = [s for s in ECG_SOURCES if s not in exclude]
+    return _concat([load_source(data_dir, s) for s in sources], "pretraining sources"), sources
+
+
+# -- the experiment ----------------------------------------------------------------------------------------
+def pretrain_variant(run: Path, windows: Windows, steps: int, preset: str, seed: int, batch_size: int,
+                     lr: float, **mask_kw) -> dict:
+    """Pretrain on ``windows`` into ``run``; a finished run with the same settings is reused."""
+    from .pretrain import ArrayLoader, PretrainConfig, pretrain
+
+    cfg = PretrainConfig(data="(in-memory windows)", out=str(run), preset=preset, steps=steps,
+                         batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), ckpt_every=steps,
+                         log_every=10, workers=0, device="cpu", amp="none", seed=seed, **mask_kw)
     ck = run / "checkpoint.pt"
-    if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=True)["step"] >= steps:
-        return run
+    if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=True)["config"] == asdict(cfg):
+        return json.loads((run / "summary.json").read_text())
     if run.exists():
         import shutil
 
         shutil.rmtree(run)
-    pre = read_wfdb_windows(records_in(DEMO_DATA))
-    cfg = PretrainConfig(data="(in-memory demo sample)", out=str(run), preset=preset, steps=steps,
-                         batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), ckpt_every=100,
-                         log_every=10, workers=0, device="cpu", amp="none", seed=seed, **mask_kw)
-    pretrain(cfg, loader=ArrayLoader(pre.x, pre.present, batch_size, seed=seed), quiet=True)
-    return run
+    import time
+
+    t0 = time.perf_counter()
+    pretrain(cfg, loader=ArrayLoader(windows.x, windows.present, batch_size, seed=seed), quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = {"seconds": time.perf_counter() - t0, "first_loss": rows[0]["loss"],
+               "final_loss": float(np.mean([r["loss"] for r in rows[-5:]])), "epochs": rows[-1]["epoch"]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    return summary
 
 
-def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 500, preset: str = "small",
-                   seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Random init vs encoders pretrained with patch-only and with dual masking, same linear probe.
+def _summarise(rs: list) -> dict:
+    keys = (("auc", "balanced_accuracy") if isinstance(rs[0], ProbeResult)
+            else ("mae", "r", "mae_mean_predictor"))
+    out = {}
+    for k in keys:
+        v = [getattr(r, k) for r in rs]
+        out[f"{k}_mean"], out[f"{k}_std"] = float(np.mean(v)), float(np.std(v))
+    out["per_seed"] = [asdict(r) for r in rs]
+    return out
 
-    Pretraining sees only the shipped demo sample (CinC 2021 + MIT-BIH 100): no window, subject or
-    patient of the probe tasks. Each seed gives its own random init and its own pretraining runs (which
-    start from that same init); results are reported per seed and as mean and std over seeds.
+
+def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 1000, preset: str = "tiny",
+                   seeds: tuple[int, ...] = (0, 1, 2), batch_size: int = 32, lr: float = 1e-3,
+                   tasks: tuple[str, ...] = tuple(TASKS)) -> dict:
+    """Random init vs the same init pretrained with patch-only and with dual masking, same probes.
+
+    Each task's encoders are pretrained on every ECG source of ``shared_dir/data`` except the task's own
+    (``Task.exclude``): no window, subject or patient of a probe task is ever seen in its pretraining.
+    Each seed gives its own random init, from which its pretraining runs start. Every feature variant
+    (``FEATURES``) is reported for every encoder, with the raw-patch features as a no-encoder reference.
     """
+    import os
+    import platform
+    import time
+
     from .model import CBraMod
     from .model.config import PRESETS
 
+    t_start = time.perf_counter()
+    data_dir = Path(shared_dir) / "data"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {task: loader(Path(shared_dir) / sub) for task, (_, sub, loader) in TASKS.items()}
-    per_seed: dict[str, dict[str, list[ProbeResult]]] = {task: {} for task in TASKS}
+    data = {t: TASKS[t].load(data_dir) for t in tasks}
+    corpora = {}
+    for t in tasks:
+        ex = TASKS[t].exclude
+        if ex not in corpora:
+            corpora[ex] = pretraining_corpus(data_dir, ex)
+    runs: dict = {}
+    res: dict = {t: {f: {} for f in FEATURES} for t in tasks}
+    for t in tasks:
+        w, y, groups = data[t]
+        probe = linear_probe if TASKS[t].kind == "classification" else ridge_probe
+        raw = probe(raw_features(w.x, w.present), y, groups, "raw patches (no encoder)")
+        res[t]["raw"] = {raw.name: _summarise([raw])}
     for seed in seeds:
-        torch.manual_seed(seed * 1_000_003)  # the initial weights the pretraining runs start from
-        models = {"random init": CBraMod(**PRESETS[preset].to_dict(), backend="torch")}
-        for name, kw in (("patch-only", {"patch_ratio": 0.5, "lead_ratio": 0.0}),
-                         ("dual", {"patch_ratio": 0.5, "lead_ratio": 0.25})):
-            run = pretrain_variant(out_dir / f"seed{seed}", name, steps, preset, seed, **kw)
-            models[f"{name} pretrained"] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
-        for task, (w, y, groups) in data.items():
-            for name, m in models.items():
-                r = linear_probe(encoder_features(m, w.x, w.present), y, groups, name)
-                per_seed[task].setdefault(name, []).append(r)
-    report: dict = {"preset": preset, "pretrain_steps": steps, "seeds": list(seeds), "torch": torch.__version__,
-                    "pretrain_data": "cbramod_fast/data/ecg_demo (CinC 2021 x25 + MIT-BIH 100)",
-                    "probe": "frozen encoder; per present lead mean+std over patches; standardised logistic "
-                             "regression (C=0.1, balanced classes)", "tasks": {}}
-    for task, (desc, _, _) in TASKS.items():
-        w, y, groups = data[task]
-        summary = {}
-        for name, rs in per_seed[task].items():
-            aucs, bals = [r.auc for r in rs], [r.balanced_accuracy for r in rs]
-            summary[name] = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-                             "balanced_accuracy_mean": float(np.mean(bals)),
-                             "balanced_accuracy_std": float(np.std(bals)),
-                             "per_seed": [asdict(r) for r in rs]}
-        report["tasks"][task] = {"description": desc, "n_windows": len(y), "n_positive": int(y.sum()),
-                                 "groups": sorted(set(groups.tolist())), "results": summary}
+        torch.manual_seed(seed * 1_000_003)  # the initial weights pretrain() starts from for this seed
+        random_init = CBraMod(**PRESETS[preset].to_dict(), backend="torch")
+        trained = {}
+        for ex, (windows, _) in corpora.items():
+            tag = "no-" + "+".join(ex)
+            for name, kw in MASKINGS.items():
+                run = out_dir / tag / f"seed{seed}" / name
+                runs[f"{tag}/seed{seed}/{name}"] = pretrain_variant(run, windows, steps, preset, seed,
+                                                                    batch_size, lr, **kw)
+                trained[ex, name] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
+        for t in tasks:
+            w, y, groups = data[t]
+            probe = linear_probe if TASKS[t].kind == "classification" else ridge_probe
+            models = {"random init": random_init,
+                      **{f"{n} pretrained": trained[TASKS[t].exclude, n] for n in MASKINGS}}
+            for feat in FEATURES:
+                for name, m in models.items():
+                    r = probe(encoder_features(m, w.x, w.present, layers=feat), y, groups, name)
+                    res[t][feat].setdefault(name, []).append(r)
+    report: dict = {
+        "command": f"python -c \"from cbramod_fast.probe import run_experiment; run_experiment('../shared', "
+                   f"'runs/probe', steps={steps}, preset='{preset}', seeds={tuple(seeds)})\"",
+        "preset": preset, "leads": list(EXPERIMENT_LEADS), "pretrain_steps": steps, "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": max(1, steps // 20), "maskings": MASKINGS, "seeds": list(seeds),
+        "init": "seed s: torch.manual_seed(s * 1000003), then CBraMod(preset); pretraining starts from it",
+        "features": {"last": "per present lead, mean and std over patches of the last layer's output",
+                     "all": "the same for the patch embedding and every layer, concatenated",
+                     "raw": "the same pooling of the raw 200-sample patches (no encoder)"},
+        "probes": {"classification": "standardised logistic regression, C=0.1, balanced classes",
+                   "regression": f"standardised ridge, alpha in {RIDGE_ALPHAS} by inner leave-one-group-out "
+                                 "over the training groups"},
+        "pretraining_corpora": {"no-" + "+".join(ex): {"sources": src, "n_windows": len(win.x)}
+                                for ex, (win, src) in corpora.items()},
+        "pretraining_runs": runs,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "tasks": {}}
+    for t in tasks:
+        w, y, groups = data[t]
+        report["tasks"][t] = {"description": TASKS[t].description, "kind": TASKS[t].kind,
+                              "pretraining_corpus": "no-" + "+".join(TASKS[t].exclude), "n_windows": len(y),
+                              "groups": sorted(set(groups.tolist())),
+                              "results": {f: {n: (v if isinstance(v, dict) else _summarise(v))
+                                              for n, v in by.items()} for f, by in res[t].items()}}
+        if TASKS[t].kind == "classification":
+            report["tasks"][t]["n_positive"] = int(y.sum())
+        else:
+            report["tasks"][t]["label_mean_std"] = [float(y.mean()), float(y.std())]
+    report["total_seconds"] = time.perf_counter() - t_start
     tmp = out_dir / "probe.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out_dir / "probe.json")

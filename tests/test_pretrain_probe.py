@@ -9,14 +9,24 @@ import torch
 from cbramod_fast import CBraMod
 from cbramod_fast.pretrain import DEMO_DATA
 from cbramod_fast.probe import (
+    ECG_SOURCES,
+    EXPERIMENT_LEADS,
     STANDARD_LEADS,
+    TASKS,
+    Windows,
+    beat_samples,
     encoder_features,
+    heart_rate_labels,
     linear_probe,
     load_cpsc2021,
     load_eegmat_ecg,
+    load_heart_rate,
+    pretraining_corpus,
+    raw_features,
     read_wfdb_windows,
     records_in,
     rhythm_intervals,
+    ridge_probe,
 )
 
 
@@ -71,3 +81,73 @@ def test_eegmat_ecg_labels(shared_dir):
     for g in set(groups):  # every subject has rest (about 18 windows) and task (6 windows)
         assert (y[groups == g] == 1).sum() == 6 and (y[groups == g] == 0).sum() >= 17
     assert (w.present[:, STANDARD_LEADS.index("II")]).all() and w.present.sum(axis=1).max() == 1
+
+
+def test_heart_rate_from_annotated_beats():
+    rec = DEMO_DATA / "100"
+    beats = beat_samples(rec)
+    assert len(beats) == 2239 + 33 + 1  # N, A, V beats; the "+" rhythm note is not a beat
+    w = read_wfdb_windows([rec])
+    y = heart_rate_labels([rec], w, {"100": 360.0})
+    assert np.isfinite(y).all() and 70 < np.median(y) < 80  # record 100: sinus rhythm ~75 bpm
+    # the window starting at 20 s: rate from its first and last annotated beat
+    one = Windows(w.x[:1], w.present[:1], ["100"], np.asarray([20.0]))
+    inside = beats[(beats >= 20 * 360) & (beats < 30 * 360)]
+    expected = 60 * 360 * (len(inside) - 1) / (inside[-1] - inside[0])
+    assert heart_rate_labels([rec], one, {"100": 360.0})[0] == pytest.approx(expected)
+
+
+def test_lead_names_case_insensitive(tmp_path):
+    import wfdb
+
+    sig = np.random.default_rng(0).normal(size=(2400, 2)) * 0.2
+    wfdb.wrsamp("rec", fs=200, units=["mV", "mV"], sig_name=["ii", "v5"], p_signal=sig, fmt=["16", "16"],
+                write_dir=str(tmp_path))
+    w = read_wfdb_windows([tmp_path / "rec"], leads=EXPERIMENT_LEADS)
+    assert w.present[0].tolist() == [False, True, True]  # PTB spells leads "ii", "v5"
+
+
+def test_feature_variants_shapes():
+    w = read_wfdb_windows([records_in(DEMO_DATA)[0]], leads=EXPERIMENT_LEADS)  # record 100: II, V5
+    torch.manual_seed(0)
+    m = CBraMod.from_config("tiny")
+    last = encoder_features(m, w.x[:3], w.present[:3], layers="last")
+    every = encoder_features(m, w.x[:3], w.present[:3], layers="all")
+    assert last.shape == (3, 2 * 400) and every.shape == (3, 2 * 400 * (1 + m.config.n_layer))
+    # "all" holds the last layer's features as its last 400 per lead
+    assert np.allclose(every.reshape(3, 2, -1)[:, :, -400:], last.reshape(3, 2, 400), atol=1e-5)
+    assert raw_features(w.x[:3], w.present[:3]).shape == (3, 2 * 400)
+    with pytest.raises(ValueError, match="layers"):
+        encoder_features(m, w.x[:1], w.present[:1], layers="middle")
+
+
+def test_ridge_probe_leaves_each_group_out():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(["a", "b", "c", "d"], 30)
+    x = rng.normal(size=(120, 6))
+    y = 70 + 5 * x[:, 0] + rng.normal(size=120) * 0.5
+    r = ridge_probe(x, y, groups, "t")
+    assert [f["test_groups"] for f in r.folds] == [["a"], ["b"], ["c"], ["d"]]
+    assert r.mae < 0.3 * r.mae_mean_predictor and r.r > 0.95
+    noise = ridge_probe(rng.normal(size=(120, 6)), y, groups, "noise")
+    assert noise.mae > 0.9 * noise.mae_mean_predictor  # no signal: no better than the training mean
+
+
+@pytest.mark.shared
+def test_heart_rate_task_labels(shared_dir):
+    w, y, groups = load_heart_rate(shared_dir / "data", EXPERIMENT_LEADS)
+    assert sorted(set(groups)) == ["21", "35", "8", "84", "mitdb100"]
+    assert (w.present == (np.asarray(EXPERIMENT_LEADS) == "II")).all()  # lead II only, every window
+    assert (w.x[:, [0, 2]] == 0).all()
+    assert 40 < y[groups == "35"].mean() < 55 and 70 < y[groups == "mitdb100"].mean() < 80
+
+
+@pytest.mark.shared
+def test_pretraining_corpus_excludes_probe_recordings(shared_dir):
+    data = shared_dir / "data"
+    for task in TASKS.values():
+        w, _, _ = task.load(data)
+        corpus, sources = pretraining_corpus(data, task.exclude)
+        assert not set(sources) & set(task.exclude) and set(sources) | set(task.exclude) == set(ECG_SOURCES)
+        assert not set(w.record) & set(corpus.record)  # no probe recording in pretraining
+        assert w.x.shape[1:] == corpus.x.shape[1:] == (len(EXPERIMENT_LEADS), 10, 200)
