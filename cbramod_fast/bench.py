@@ -938,8 +938,8 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
 
 def kernel_summary(rows: list[dict], low: str = "bf16") -> list[dict]:
     """The comparison the Triton-kernel issue asks for, per (mode, shape, batch): (a) the original
-    implementation (from ``--original``) in fp32 eager, else the eager in-repo reference, (b) the fastest torch-native variant (reference / original / fast[torch], any compilation) in
-    ``low`` precision, (c) the fastest Triton variant in ``low``; throughput, ratios, (c)'s utilisation.
+    implementation (from ``--original``) in fp32 eager, else the eager in-repo reference, (b) the fastest
+    torch-native variant (reference / original / fast[torch], any compilation) in ``low`` precision, (c) the fastest Triton variant in ``low``; throughput, ratios, (c)'s utilisation.
     Groups without a timed Triton variant are left out."""
     out = []
     groups = dict.fromkeys((r["mode"], r["channels"], r["patches"], r["batch"]) for r in rows)

@@ -393,6 +393,19 @@ class Task:
     load: object  # data_dir -> (Windows, labels, groups)
     exclude: tuple[str, ...]  # ECG sources kept out of this task's pretraining corpus
 
+    @property
+    def probe(self):
+        return linear_probe if self.kind == "classification" else ridge_probe
+
+    @property
+    def corpus_tag(self) -> str:
+        return corpus_tag(self.exclude)
+
+
+def corpus_tag(exclude: tuple[str, ...]) -> str:
+    """Name of the pretraining corpus that leaves out ``exclude`` (run folders and the report)."""
+    return "no-" + "+".join(exclude)
+
 
 TASKS = {
     "eegmat_ecg_task": Task("eegmat ECG: mental arithmetic vs rest per 10-s window, single ECG lead; "
@@ -489,15 +502,14 @@ def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 100
     res: dict = {t: {f: {} for f in FEATURES} for t in tasks}
     for t in tasks:
         w, y, groups = data[t]
-        probe = linear_probe if TASKS[t].kind == "classification" else ridge_probe
-        raw = probe(raw_features(w.x, w.present), y, groups, "raw patches (no encoder)")
+        raw = TASKS[t].probe(raw_features(w.x, w.present), y, groups, "raw patches (no encoder)")
         res[t]["raw"] = {raw.name: _summarise([raw])}
     for seed in seeds:
         torch.manual_seed(seed * 1_000_003)  # the initial weights pretrain() starts from for this seed
         random_init = CBraMod(**PRESETS[preset].to_dict(), backend="torch")
         trained = {}
         for ex, (windows, _) in corpora.items():
-            tag = "no-" + "+".join(ex)
+            tag = corpus_tag(ex)
             for name, kw in MASKINGS.items():
                 run = out_dir / tag / f"seed{seed}" / name
                 runs[f"{tag}/seed{seed}/{name}"] = pretrain_variant(run, windows, steps, preset, seed,
@@ -505,12 +517,11 @@ def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 100
                 trained[ex, name] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
         for t in tasks:
             w, y, groups = data[t]
-            probe = linear_probe if TASKS[t].kind == "classification" else ridge_probe
             models = {"random init": random_init,
                       **{f"{n} pretrained": trained[TASKS[t].exclude, n] for n in MASKINGS}}
             for feat in FEATURES:
                 for name, m in models.items():
-                    r = probe(encoder_features(m, w.x, w.present, layers=feat), y, groups, name)
+                    r = TASKS[t].probe(encoder_features(m, w.x, w.present, layers=feat), y, groups, name)
                     res[t][feat].setdefault(name, []).append(r)
     report: dict = {
         "command": f"python -c \"from cbramod_fast.probe import run_experiment; run_experiment('../shared', "
@@ -525,7 +536,7 @@ def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 100
         "probes": {"classification": "standardised logistic regression, C=0.1, balanced classes",
                    "regression": f"standardised ridge, alpha in {RIDGE_ALPHAS} by inner leave-one-group-out "
                                  "over the training groups"},
-        "pretraining_corpora": {"no-" + "+".join(ex): {"sources": src, "n_windows": len(win.x)}
+        "pretraining_corpora": {corpus_tag(ex): {"sources": src, "n_windows": len(win.x)}
                                 for ex, (win, src) in corpora.items()},
         "pretraining_runs": runs,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -535,7 +546,7 @@ def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 100
     for t in tasks:
         w, y, groups = data[t]
         report["tasks"][t] = {"description": TASKS[t].description, "kind": TASKS[t].kind,
-                              "pretraining_corpus": "no-" + "+".join(TASKS[t].exclude), "n_windows": len(y),
+                              "pretraining_corpus": TASKS[t].corpus_tag, "n_windows": len(y),
                               "groups": sorted(set(groups.tolist())),
                               "results": {f: {n: (v if isinstance(v, dict) else _summarise(v))
                                               for n, v in by.items()} for f, by in res[t].items()}}
