@@ -1,6 +1,6 @@
 """Build a pretraining corpus: records → preprocessed fixed windows in memory-mapped shards + a manifest.
 
-Pipeline per file (in a worker process): read (:mod:`.readers`) → pick/order leads, µV →
+Pipeline per file (in a worker process): read (:mod:`cbramod_fast.readers`) → pick/order leads, µV →
 :func:`cbramod_fast.signal.preprocess` (band-pass, notch, resample to 200 Hz, patches, per-patch flags) →
 fixed windows of ``window_patches`` patches → reject flat / clipped / non-finite / over-amplitude windows
 (counted per reason) → scale (µV × ``scale``, default 1/100 like CBraMod) → stored dtype (float16).
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -35,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_text, atomic_write
+from ..readers import STANDARD_LEADS, RecordError, find_records, read_record, source_path
 from ..signal import preprocess
-from .readers import STANDARD_LEADS, RecordError, find_records, read_record, source_path
 
 MANIFEST = "manifest.json"
 STATE = "build_state.json"
@@ -183,22 +183,17 @@ def _cut_windows(res: FileResult, patches: np.ndarray, flags: np.ndarray, presen
 
 
 # -- the build loop (main process) -----------------------------------------------------------------------
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json(obj, path: Path) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (manifests, resume points, journals)."""
+    atomic_text(path, json.dumps(obj))
 
 
-def _atomic_npy(arr: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_npy(arr: np.ndarray, path: Path) -> None:
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+            np.save(f, arr)
+
+    atomic_write(path, save)
 
 
 def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -360,8 +355,8 @@ def build_corpus(sources: list[str | Path], out: str | Path, config: CorpusConfi
         nonlocal n_buf
         x, p, f = np.concatenate(buf_x), np.concatenate(buf_p), np.concatenate(buf_f)
         sid = len(state["shards"])
-        _atomic_npy(np.ascontiguousarray(x[:n_take]), out / f"x-{sid:05d}.npy")
-        _atomic_npy(np.ascontiguousarray(p[:n_take]), out / f"present-{sid:05d}.npy")
+        _write_npy(np.ascontiguousarray(x[:n_take]), out / f"x-{sid:05d}.npy")
+        _write_npy(np.ascontiguousarray(p[:n_take]), out / f"present-{sid:05d}.npy")
         buf_x[:], buf_p[:], buf_f[:] = ([x[n_take:]], [p[n_take:]], [f[n_take:]]) if n_take < len(f) else ([], [], [])
         n_buf -= n_take
         # resume point: the file of the first still-buffered window, and how many of its windows are written
@@ -375,12 +370,12 @@ def build_corpus(sources: list[str | Path], out: str | Path, config: CorpusConfi
         done = [e for e in pending if e["index"] < frontier]
         pending[:] = [e for e in pending if e["index"] >= frontier]
         _absorb(done, state, stats)
-        _atomic_json({"records": [e for e in done if "error" not in e],
+        write_json({"records": [e for e in done if "error" not in e],
                       "skipped": [e for e in done if "error" in e]}, out / f"records-{sid:05d}.json")
         state["shards"].append({"x": f"x-{sid:05d}.npy", "present": f"present-{sid:05d}.npy", "n": int(n_take)})
         state["next_file"], state["skip_windows"] = frontier, skip
         state["stats"] = stats.to_dict()
-        _atomic_json(state, state_path)
+        write_json(state, state_path)
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(files), initial=first, desc=f"corpus build {out.name}", unit="file", disable=not progress)
@@ -464,7 +459,7 @@ def _finish(out: Path, cfg: CorpusConfig, sources, files, part, fp, state, stats
         "records": records, "skipped": skipped,
         "build_seconds_last_run": round(seconds, 3),
     }
-    _atomic_json(manifest, out / MANIFEST)
+    write_json(manifest, out / MANIFEST)
     _clean_leftovers(out)
     return manifest
 

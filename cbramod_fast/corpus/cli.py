@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import atomic_write
 from .build import CorpusConfig, build_corpus
-from .readers import RecordError
 
 _D = CorpusConfig()
 
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
+    from ..errors import UsageError
 
     try:
         if args.action == "build":
@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
                 print(summary(man, args.corpus))
             if args.plot:
                 print(f"wrote {plot_corpus(args.corpus, man, args.plot)}")
-    except RecordError as exc:
-        raise UsageError(str(exc)) from exc
-    except ValueError as exc:
+    except ValueError as exc:  # a bad setting or file (RecordError is one): one line, exit code 2
+        if isinstance(exc, UsageError):
+            raise
         raise UsageError(str(exc)) from exc
     return 0
 
@@ -150,10 +150,8 @@ def plot_corpus(corpus: str | Path, man: dict, png: str | Path, n_windows: int =
     ax.set_title(f"windows with the lead present (of {man['n_windows']})\nrejected: {rej}", fontsize=8)
     fig.tight_layout()
     out = Path(png)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import MANIFEST, REJECT_REASONS, _atomic_json, _Stats
+from .build import MANIFEST, REJECT_REASONS, _Stats, write_json
 
 # settings that must agree for windows to be interchangeable (``sources`` may differ between parts)
 _MUST_MATCH = ("leads", "fs", "window_patches", "dtype", "scale", "shape")
@@ -102,5 +102,5 @@ def merge_corpora(parts: list[str | Path], out: str | Path, overwrite: bool = Fa
         "lead_stats": stats.summary(first["leads"], first["window_patches"] * first["patch"]),
         "lead_sums": stats.to_dict(), "records": records, "skipped": skipped,
     }
-    _atomic_json(merged, out / MANIFEST)
+    write_json(merged, out / MANIFEST)
     return merged

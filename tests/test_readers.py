@@ -1,4 +1,4 @@
-"""Record readers: lead picking by name, µV conversion, WFDB / EDF / NumPy, broken files."""
+"""Recording readers: lead picking by name, µV conversion, WFDB / EDF / NumPy, broken files."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-import wfdb
 
-from cbramod_fast.corpus.readers import (
+from cbramod_fast.readers import (
     STANDARD_LEADS,
     RecordError,
     _read_wfdb_fast,
@@ -18,6 +17,10 @@ from cbramod_fast.corpus.readers import (
     read_record,
     unit_factor,
 )
+
+# The references these tests compare with (the package itself imports them only when a file needs them).
+wfdb = pytest.importorskip("wfdb")
+pyedflib = pytest.importorskip("pyedflib")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,6 @@ def test_wfdb_lower_case_names_and_custom_order(data):
 
 
 def _write_edf(path, sig_uv, fs, labels, unit):
-    import pyedflib
-
     factor = {"uV": 1.0, "mV": 1e-3}[unit]
     with pyedflib.EdfWriter(str(path), len(labels), file_type=pyedflib.FILETYPE_EDFPLUS) as w:
         hdrs = []

@@ -1,4 +1,9 @@
-"""Record readers: WFDB, EDF/BDF and NumPy files → one recording in µV with leads in a requested order.
+"""Reading ECG / EEG recordings: WFDB, EDF/BDF and NumPy files → one recording in µV, leads in a requested order.
+
+The one place the package reads recordings: corpus building, the fusion datasets, the in-memory windows of
+tests and experiments all come through here, so units and lead names mean the same everywhere.
+``wfdb`` and ``pyedflib`` are imported only when a file needs them (single-file WFDB records in format 16
+or 212 — most PhysioNet ECG — are read directly, without ``wfdb``).
 
 Every reader returns a :class:`Record` whose ``signal`` is ``(L, T)`` float64 in µV, its rows in the order
 of the requested ``leads``; a lead the file lacks is a row of zeros with ``present[i] = False``.
@@ -26,6 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import RecordError
+
+__all__ = ["EDF_SUFFIXES", "NUMPY_SUFFIXES", "STANDARD_LEADS", "SUFFIXES", "WFDB_SUFFIXES", "Record", "RecordError",
+           "find_records", "normalize_lead", "pick_leads", "read_edf", "read_edf_signals", "read_numpy",
+           "read_record", "read_wfdb", "records_in", "source_path", "unit_factor"]
+
 STANDARD_LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 
 # normalised name -> canonical normalised name
@@ -38,10 +49,6 @@ WFDB_SUFFIXES = (".hea",)
 EDF_SUFFIXES = (".edf", ".bdf")
 NUMPY_SUFFIXES = (".npy", ".npz")
 SUFFIXES = WFDB_SUFFIXES + EDF_SUFFIXES + NUMPY_SUFFIXES
-
-
-class RecordError(ValueError):
-    """A file that cannot be used (corrupt, truncated, unknown unit, no requested lead, ...)."""
 
 
 @dataclass
@@ -103,8 +110,6 @@ def _assemble(name: str, fs: float, length: int, leads: tuple[str, ...], names: 
 
 def read_wfdb(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Record:
     """Read a WFDB record from its ``.hea`` path (signal files: ``.dat``, ``.mat``, ... as the header says)."""
-    import wfdb
-
     path = Path(path)
     base = str(path.with_suffix("")) if path.suffix == ".hea" else str(path)
     if _is_multi_segment(path.with_suffix(".hea")):
@@ -113,6 +118,8 @@ def read_wfdb(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Reco
     if fast is not None:
         name, fs, sig, names, units = fast
         return _assemble(name, fs, sig.shape[0], leads, names, units, lambda i: sig[:, i], str(path))
+    import wfdb  # other layouts (several signal files, other formats): the reference reader
+
     try:
         rec = wfdb.rdrecord(base, physical=True)
     except Exception as exc:  # wfdb raises many types for broken files; report them uniformly
@@ -248,6 +255,33 @@ def read_edf(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Recor
         f.close()
 
 
+def read_edf_signals(path: str | Path) -> tuple[np.ndarray, float, list[str]]:
+    """Every signal of an EDF/BDF file at its most common rate, in µV: ``(signals (S, T), fs, labels)``.
+
+    For EEG + ECG files whose channels are picked by kind afterwards (fusion datasets); signals recorded at
+    another rate (annotations, slow sensors) are left out.
+    """
+    import pyedflib
+
+    path = Path(path)
+    try:
+        f = pyedflib.EdfReader(str(path))
+    except Exception as exc:
+        raise RecordError(f"{path}: unreadable EDF/BDF file ({type(exc).__name__}: {exc})") from exc
+    try:
+        fs_all = f.getSampleFrequencies()
+        fs = float(np.bincount(fs_all.astype(int)).argmax())
+        rows, labels = [], []
+        for i, label in enumerate(f.getSignalLabels()):
+            if float(fs_all[i]) != fs:
+                continue
+            rows.append(f.readSignal(i) * unit_factor(f.getPhysicalDimension(i), f"{path} signal {label!r}"))
+            labels.append(label.strip())
+    finally:
+        f.close()
+    return np.asarray(rows), fs, labels
+
+
 def read_numpy(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS, fs: float | None = None,
                unit: str = "uV") -> Record:
     """Read a ``.npz`` (``signal`` (C, T), ``fs``, optional ``leads``, ``unit``) or a ``.npy`` (C, T) file."""
@@ -317,6 +351,18 @@ def find_records(sources: list[str | Path]) -> list[tuple[int, str]]:
     return sorted(set(out))
 
 
+def records_in(folder: str | Path) -> list[Path]:
+    """The WFDB records of ``folder`` (its ``.hea`` headers, not recursive) as paths without extension, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    recs = sorted(p.with_suffix("") for p in folder.glob("*.hea"))
+    if not recs:
+        raise FileNotFoundError(f"{folder}: no WFDB .hea headers")
+    return recs
+
+
 def source_path(sources: list[str | Path], src_index: int, rel: str) -> Path:
+    """The file a :func:`find_records` entry names."""
     src = Path(sources[src_index])
     return src if src.is_file() else src / rel
