@@ -1,120 +1,37 @@
 """Does pretraining help? Linear probes of frozen encoders on real labelled ECG tasks.
 
+    python experiments/pretrain_probe.py --data-dir ../shared/data --out runs/probe    # 11-27 min, 2 cores
+
 Tasks (``TASKS``; labels from the recordings' annotations or conditions, splits by subject/patient):
 eegmat ECG rest vs mental arithmetic (leave-one-subject-out), heart rate per window from the annotated beats
 of CPSC 2021 and MIT-BIH 100 (leave-one-patient-out ridge regression), CPSC 2021 AF vs normal rhythm.
-Each task's encoders are pretrained on every other ECG source in ``../shared/data`` (``Task.exclude``), so
-no window, subject or patient of a probe task is in its pretraining. Features: the frozen encoder's output
+Each task's encoders are pretrained on every other ECG source in ``--data-dir`` (``Task.exclude``), so no
+window, subject or patient of a probe task is in its pretraining. Features: the frozen encoder's output
 averaged over patches, and its standard deviation over patches, for each present lead (``FEATURES``: last
 layer, or the patch embedding and every layer concatenated); a standardised linear model on top.
+Results: ``OUT/probe.json`` (``bench/results/pretrain_probe.json`` is the committed run).
 
-``read_wfdb_windows`` is also the small in-memory reader the pretraining tests and the probe use:
-``signal.preprocess`` (band-pass, resampling to 200 Hz, µV/100 scaling) and fixed windows.
+Needs ``wfdb`` (beat and rhythm annotations) and ``pyedflib`` (eegmat EDFs) besides the package.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import platform
+import shutil
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
-_ALIASES = {"MLII": "II", "ML2": "II", "AVR": "aVR", "AVL": "aVL", "AVF": "aVF"}
-_UNIT_TO_UV = {"uv": 1.0, "µv": 1.0, "mv": 1000.0, "v": 1e6}
-
-
-@dataclass
-class Windows:
-    x: np.ndarray  # (W, C, N, 200) float32, µV/100
-    present: np.ndarray  # (W, C) bool
-    record: list[str]  # record name of each window
-    start_s: np.ndarray  # (W,) window start in seconds from the record's beginning
-
-
-_BY_UPPER = {lead.upper(): lead for lead in STANDARD_LEADS}
-
-
-def _lead_name(name: str) -> str:
-    """Standard spelling of a lead name (case-insensitive: PTB writes ``i``, ``avr``, ``v1``)."""
-    n = name.strip()
-    return _ALIASES.get(n.upper(), _BY_UPPER.get(n.upper(), n))
-
-
-def read_wfdb_windows(records: list[str | Path], leads: tuple[str, ...] = STANDARD_LEADS, window_s: int = 10,
-                      fs: int = 200, band: tuple[float, float] = (0.5, 45.0), scale: float = 0.01,
-                      max_abs: float = 80.0) -> Windows:
-    """Cut WFDB records into ``window_s`` windows of ``(C, window_s, fs)`` patches in the lead order ``leads``.
-
-    Leads a record lacks are zero with ``present`` False. Windows with a non-finite value, a flat present
-    lead or ``|x| > max_abs`` (after scaling) are dropped.
-    """
-    import wfdb
-
-    parts = []
-    for rec in records:
-        r = wfdb.rdrecord(str(rec))
-        units = [_UNIT_TO_UV.get(str(u).strip().lower(), None) for u in r.units]
-        if None in units:
-            raise ValueError(f"{rec}: unknown signal units {r.units}")
-        sig = r.p_signal.T.astype(np.float64) * np.asarray(units)[:, None]
-        parts.append(windows_from_signal(sig, float(r.fs), [_lead_name(n) for n in r.sig_name], Path(rec).name,
-                                         leads, window_s, fs, band, scale, max_abs))
-    return _concat(parts, f"{len(records)} records")
-
-
-def windows_from_signal(sig_uv: np.ndarray, fs_rec: float, rec_leads: list[str], name: str,
-                        leads: tuple[str, ...] = STANDARD_LEADS, window_s: int = 10, fs: int = 200,
-                        band: tuple[float, float] = (0.5, 45.0), scale: float = 0.01,
-                        max_abs: float = 80.0) -> Windows | None:
-    """Band-pass, resample to ``fs``, scale and cut one recording ``(C_rec, T)`` in µV into windows
-    (the C++ pipeline, ``signal.preprocess``, as corpus building uses it)."""
-    from .signal import preprocess
-
-    pre = preprocess(np.nan_to_num(np.asarray(sig_uv, np.float64)), float(fs_rec), band=band, fs_out=fs,
-                     scale=scale)
-    sig = pre.patches.reshape(pre.patches.shape[0], -1)
-    out = np.zeros((len(leads), sig.shape[-1]), np.float32)
-    present = np.zeros(len(leads), bool)
-    for i, lead in enumerate(leads):
-        if lead in rec_leads:
-            out[i] = sig[rec_leads.index(lead)]
-            present[i] = True
-    if not present.any():
-        return None
-    xs, starts, w = [], [], window_s * fs
-    for k in range(out.shape[-1] // w):
-        seg = out[:, k * w:(k + 1) * w]
-        if (not np.isfinite(seg).all() or np.abs(seg).max() > max_abs
-                or (seg[present].std(axis=-1) < 1e-3).any()):
-            continue
-        xs.append(seg.reshape(len(leads), window_s, fs))
-        starts.append(k * window_s)
-    if not xs:
-        return None
-    return Windows(np.stack(xs), np.repeat(present[None], len(xs), 0), [name] * len(xs),
-                   np.asarray(starts, np.float64))
-
-
-def _concat(parts: list[Windows | None], what: str) -> Windows:
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        raise ValueError(f"no usable windows in {what}")
-    return Windows(np.concatenate([p.x for p in parts]), np.concatenate([p.present for p in parts]),
-                   [r for p in parts for r in p.record], np.concatenate([p.start_s for p in parts]))
-
-
-def records_in(folder: str | Path) -> list[Path]:
-    """WFDB record paths (without extension) of every ``.hea`` in ``folder``, sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    recs = sorted(p.with_suffix("") for p in folder.glob("*.hea"))
-    if not recs:
-        raise FileNotFoundError(f"{folder}: no WFDB .hea headers")
-    return recs
+from cbramod_fast.atomic import atomic_text
+from cbramod_fast.corpus.windows import Windows, concat_windows, read_windows, windows_from_signal
+from cbramod_fast.readers import STANDARD_LEADS, read_edf, records_in
 
 
 # -- labels ----------------------------------------------------------------------------------------------
@@ -153,24 +70,14 @@ def load_eegmat_ecg(folder: str | Path, lead: str = "II", leads: tuple[str, ...]
                     ) -> tuple[Windows, np.ndarray, np.ndarray]:
     """eegmat's single ECG channel as windows (in the ``lead`` slot of ``leads``), label 1 = mental arithmetic
     (``SubjectXX_2``), 0 = rest (``SubjectXX_1``), and the subject of each window."""
-    import pyedflib
-
     files = sorted(Path(folder).glob("Subject*_[12].edf"))
     if not files:
         raise FileNotFoundError(f"{folder}: no eegmat SubjectXX_[12].edf files")
     parts = []
     for f in files:
-        with pyedflib.EdfReader(str(f)) as edf:
-            labels = edf.getSignalLabels()
-            if "ECG ECG" not in labels:
-                raise ValueError(f"{f}: no 'ECG ECG' channel (has {labels})")
-            i = labels.index("ECG ECG")
-            unit = _UNIT_TO_UV.get(edf.getPhysicalDimension(i).strip().lower())
-            if unit is None:
-                raise ValueError(f"{f}: unknown ECG unit {edf.getPhysicalDimension(i)!r}")
-            sig = edf.readSignal(i)[None].astype(np.float64) * unit
-            parts.append(windows_from_signal(sig, edf.getSampleFrequency(i), [lead], f.stem, leads))
-    w = _concat(parts, str(folder))
+        rec = read_edf(f, leads=("ECG ECG",))
+        parts.append(windows_from_signal(rec.signal, rec.fs, [lead], rec.record, leads))
+    w = concat_windows(parts, str(folder))
     y = np.asarray([int(r.endswith("_2")) for r in w.record])
     return w, y, np.asarray([r.split("_")[0] for r in w.record])
 
@@ -229,7 +136,7 @@ def encoder_features(model: torch.nn.Module, x: np.ndarray, present: np.ndarray,
     """Frozen-encoder features (eval mode): per present lead, the mean and std over patches of the last
     layer's output (``layers="last"``), or of the patch embedding and of every layer, concatenated
     (``layers="all"``: lower layers may transfer better than the last, which is tuned to reconstruction)."""
-    from .kernels import resolve_backend
+    from cbramod_fast.kernels import resolve_backend
 
     if layers not in FEATURES:
         raise ValueError(f"layers must be one of {FEATURES}, got {layers!r}")
@@ -341,11 +248,11 @@ def load_cpsc2021(folder: str | Path, leads: tuple[str, ...] = STANDARD_LEADS
     import wfdb
 
     recs = records_in(folder)
-    w = read_wfdb_windows(recs, leads=leads)
+    w = read_windows(recs, leads=leads)
     fs = {r.name: float(wfdb.rdheader(str(r)).fs) for r in recs}
     y = af_labels(recs, w, fs)
     keep = y >= 0
-    w = Windows(w.x[keep], w.present[keep], [r for r, k in zip(w.record, keep) if k], w.start_s[keep])
+    w = w.select(keep)
     return w, y[keep], np.asarray([patient_of(r) for r in w.record])
 
 
@@ -357,14 +264,14 @@ def load_heart_rate(data_dir: str | Path, leads: tuple[str, ...] = STANDARD_LEAD
 
     data_dir = Path(data_dir)
     recs = records_in(data_dir / "ecg_cpsc2021") + records_in(data_dir / "ecg_mitdb_100")
-    w = read_wfdb_windows(recs, leads=("II",))
+    w = read_windows(recs, leads=("II",))
     x = np.zeros((len(w.x), len(leads), *w.x.shape[2:]), np.float32)
     x[:, leads.index("II")] = w.x[:, 0]
     w = Windows(x, np.tile(np.asarray(leads) == "II", (len(x), 1)), w.record, w.start_s)
     fs = {r.name: float(wfdb.rdheader(str(r)).fs) for r in recs}
     y = heart_rate_labels(recs, w, fs)
     keep = np.isfinite(y)
-    w = Windows(w.x[keep], w.present[keep], [r for r, k in zip(w.record, keep) if k], w.start_s[keep])
+    w = w.select(keep)
     return w, y[keep], np.asarray([patient_of(r) for r in w.record])
 
 
@@ -373,7 +280,7 @@ def load_heart_rate(data_dir: str | Path, leads: tuple[str, ...] = STANDARD_LEAD
 # 1-2 leads, so a 12-lead layout would spend ~5/6 of the compute on absent (zero) leads.
 EXPERIMENT_LEADS = ("I", "II", "V5")
 
-# Every ECG source in ../shared/data with at least one 10-s window (macecgdb's 8-s record has none).
+# Every ECG source in the data folder with at least one 10-s window (macecgdb's 8-s record has none).
 ECG_SOURCES = {"cpsc2021": "ecg_cpsc2021", "mitdb100": "ecg_mitdb_100", "cinc2021": "ecg_cinc2021",
                "ptbdb": "ecg_ptbdb_s0010_re", "eegmat": "eeg_ecg_eegmat"}
 
@@ -383,7 +290,7 @@ def load_source(data_dir: str | Path, source: str, leads: tuple[str, ...] = EXPE
     folder = Path(data_dir) / ECG_SOURCES[source]
     if source == "eegmat":
         return load_eegmat_ecg(folder, leads=leads)[0]
-    return read_wfdb_windows(records_in(folder), leads=leads)
+    return read_windows(records_in(folder), leads=leads)
 
 
 @dataclass(frozen=True)
@@ -430,14 +337,14 @@ MASKINGS = {"patch-only": {"patch_ratio": 0.5, "lead_ratio": 0.0},
 def pretraining_corpus(data_dir: str | Path, exclude: tuple[str, ...]) -> tuple[Windows, list[str]]:
     """Every ECG source except ``exclude`` (the probe task's own recordings), concatenated."""
     sources = [s for s in ECG_SOURCES if s not in exclude]
-    return _concat([load_source(data_dir, s) for s in sources], "pretraining sources"), sources
+    return concat_windows([load_source(data_dir, s) for s in sources], "pretraining sources"), sources
 
 
 # -- the experiment ----------------------------------------------------------------------------------------
 def pretrain_variant(run: Path, windows: Windows, steps: int, preset: str, seed: int, batch_size: int,
                      lr: float, **mask_kw) -> dict:
     """Pretrain on ``windows`` into ``run``; a finished run with the same settings is reused."""
-    from .pretrain import ArrayLoader, PretrainConfig, pretrain
+    from cbramod_fast.pretrain import ArrayLoader, PretrainConfig, pretrain
 
     cfg = PretrainConfig(data="(in-memory windows)", out=str(run), preset=preset, steps=steps,
                          batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), ckpt_every=steps,
@@ -446,17 +353,13 @@ def pretrain_variant(run: Path, windows: Windows, steps: int, preset: str, seed:
     if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=True)["config"] == asdict(cfg):
         return json.loads((run / "summary.json").read_text())
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
-    import time
-
     t0 = time.perf_counter()
     pretrain(cfg, loader=ArrayLoader(windows.x, windows.present, batch_size, seed=seed), quiet=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = {"seconds": time.perf_counter() - t0, "first_loss": rows[0]["loss"],
                "final_loss": float(np.mean([r["loss"] for r in rows[-5:]])), "epochs": rows[-1]["epoch"]}
-    (run / "summary.json").write_text(json.dumps(summary))
+    atomic_text(run / "summary.json", json.dumps(summary))
     return summary
 
 
@@ -471,25 +374,20 @@ def _summarise(rs: list) -> dict:
     return out
 
 
-def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 1000, preset: str = "tiny",
+def run_experiment(data_dir: str | Path, out_dir: str | Path, steps: int = 1000, preset: str = "tiny",
                    seeds: tuple[int, ...] = (0, 1, 2), batch_size: int = 32, lr: float = 1e-3,
                    tasks: tuple[str, ...] = tuple(TASKS)) -> dict:
     """Random init vs the same init pretrained with patch-only and with dual masking, same probes.
 
-    Each task's encoders are pretrained on every ECG source of ``shared_dir/data`` except the task's own
+    Each task's encoders are pretrained on every ECG source of ``data_dir`` except the task's own
     (``Task.exclude``): no window, subject or patient of a probe task is ever seen in its pretraining.
     Each seed gives its own random init, from which its pretraining runs start. Every feature variant
     (``FEATURES``) is reported for every encoder, with the raw-patch features as a no-encoder reference.
     """
-    import os
-    import platform
-    import time
-
-    from .model import CBraMod
-    from .model.config import PRESETS
+    from cbramod_fast.model import PRESETS, CBraMod
 
     t_start = time.perf_counter()
-    data_dir = Path(shared_dir) / "data"
+    data_dir = Path(data_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {t: TASKS[t].load(data_dir) for t in tasks}
@@ -524,8 +422,8 @@ def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 100
                     r = TASKS[t].probe(encoder_features(m, w.x, w.present, layers=feat), y, groups, name)
                     res[t][feat].setdefault(name, []).append(r)
     report: dict = {
-        "command": f"python -c \"from cbramod_fast.probe import run_experiment; run_experiment('../shared', "
-                   f"'runs/probe', steps={steps}, preset='{preset}', seeds={tuple(seeds)})\"",
+        "command": f"python experiments/pretrain_probe.py --data-dir {data_dir} --out {out_dir} --steps {steps} "
+                   f"--preset {preset} --seeds {','.join(map(str, seeds))}",
         "preset": preset, "leads": list(EXPERIMENT_LEADS), "pretrain_steps": steps, "batch_size": batch_size,
         "lr": lr,
         "warmup_steps": max(1, steps // 20), "maskings": MASKINGS, "seeds": list(seeds),
@@ -555,7 +453,32 @@ def run_experiment(shared_dir: str | Path, out_dir: str | Path, steps: int = 100
         else:
             report["tasks"][t]["label_mean_std"] = [float(y.mean()), float(y.std())]
     report["total_seconds"] = time.perf_counter() - t_start
-    tmp = out_dir / "probe.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out_dir / "probe.json")
+    atomic_text(out_dir / "probe.json", json.dumps(report, indent=1))
     return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True, help="folder holding the ECG sources (" + ", ".join(
+        ECG_SOURCES.values()) + ")")
+    p.add_argument("--out", required=True, help="run folder: pretraining runs (reused when finished) and probe.json")
+    p.add_argument("--steps", type=int, default=1000, help="pretraining steps per run")
+    p.add_argument("--preset", default="tiny", help="model size")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks: " + ", ".join(TASKS))
+    args = p.parse_args(argv)
+    missing = [name for name in ECG_SOURCES.values() if not (Path(args.data_dir) / name).is_dir()]
+    if missing:
+        p.error(f"--data-dir {args.data_dir}: missing source folders {missing}")
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        p.error(f"unknown --tasks {unknown}; expected some of {list(TASKS)}")
+    run_experiment(args.data_dir, args.out, steps=args.steps, preset=args.preset,
+                   seeds=tuple(int(s) for s in args.seeds.split(",")), tasks=tasks)
+    print(f"wrote {Path(args.out) / 'probe.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

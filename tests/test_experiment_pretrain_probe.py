@@ -1,44 +1,45 @@
-"""The linear-probe experiment's pieces: labels from real annotations, group-held-out folds, features."""
+"""The pretraining probe study (experiments/pretrain_probe.py): labels from real annotations, group-held-out
+folds, features."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from cbramod_fast import CBraMod
+from cbramod_fast.corpus.windows import Windows, read_windows
 from cbramod_fast.pretrain import DEMO_DATA
-from cbramod_fast.probe import (
-    ECG_SOURCES,
-    EXPERIMENT_LEADS,
-    STANDARD_LEADS,
-    TASKS,
-    Windows,
-    beat_samples,
-    encoder_features,
-    heart_rate_labels,
-    linear_probe,
-    load_cpsc2021,
-    load_eegmat_ecg,
-    load_heart_rate,
-    pretraining_corpus,
-    raw_features,
-    read_wfdb_windows,
-    records_in,
-    rhythm_intervals,
-    ridge_probe,
-)
+from cbramod_fast.readers import STANDARD_LEADS, records_in
+
+pytest.importorskip("wfdb")  # the study's labels come from WFDB annotations
 
 
-def test_demo_windows_lead_layout():
-    w = read_wfdb_windows(records_in(DEMO_DATA))
-    assert w.x.shape[1:] == (12, 10, 200) and w.x.dtype == np.float32
-    mit = np.asarray([r == "100" for r in w.record])
-    # MIT-BIH 100 has MLII (-> II) and V5 only; the CinC records have all 12 leads.
-    expected = np.isin(STANDARD_LEADS, ["II", "V5"])
-    assert (w.present[mit] == expected).all() and w.present[~mit].all()
-    assert (w.x[mit][:, ~expected] == 0).all()
-    assert np.abs(w.x).max() <= 80.0 and np.isfinite(w.x).all()
+def _load_study():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "pretrain_probe.py"
+    spec = importlib.util.spec_from_file_location("pretrain_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study()
+ECG_SOURCES, EXPERIMENT_LEADS, TASKS = study.ECG_SOURCES, study.EXPERIMENT_LEADS, study.TASKS
+beat_samples, encoder_features, heart_rate_labels = study.beat_samples, study.encoder_features, study.heart_rate_labels
+linear_probe, load_cpsc2021, load_eegmat_ecg = study.linear_probe, study.load_cpsc2021, study.load_eegmat_ecg
+load_heart_rate, pretraining_corpus, raw_features = study.load_heart_rate, study.pretraining_corpus, study.raw_features
+rhythm_intervals, ridge_probe = study.rhythm_intervals, study.ridge_probe
+
+
+def test_command_line_names_missing_sources(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "ecg_cpsc2021" in capsys.readouterr().err
 
 
 def test_linear_probe_folds_hold_out_groups():
@@ -56,7 +57,7 @@ def test_linear_probe_folds_hold_out_groups():
 
 
 def test_encoder_features_shape():
-    w = read_wfdb_windows([records_in(DEMO_DATA)[0]])
+    w = read_windows([records_in(DEMO_DATA)[0]])
     torch.manual_seed(0)
     f = encoder_features(CBraMod.from_config("tiny"), w.x[:3], w.present[:3])
     # mean and std over patches of the 200 features, for the present leads only (II and V5 of record 100)
@@ -87,7 +88,7 @@ def test_heart_rate_from_annotated_beats():
     rec = DEMO_DATA / "100"
     beats = beat_samples(rec)
     assert len(beats) == 2239 + 33 + 1  # N, A, V beats; the "+" rhythm note is not a beat
-    w = read_wfdb_windows([rec])
+    w = read_windows([rec])
     y = heart_rate_labels([rec], w, {"100": 360.0})
     assert np.isfinite(y).all() and 70 < np.median(y) < 80  # record 100: sinus rhythm ~75 bpm
     # the window starting at 20 s: rate from its first and last annotated beat
@@ -97,18 +98,8 @@ def test_heart_rate_from_annotated_beats():
     assert heart_rate_labels([rec], one, {"100": 360.0})[0] == pytest.approx(expected)
 
 
-def test_lead_names_case_insensitive(tmp_path):
-    import wfdb
-
-    sig = np.random.default_rng(0).normal(size=(2400, 2)) * 0.2
-    wfdb.wrsamp("rec", fs=200, units=["mV", "mV"], sig_name=["ii", "v5"], p_signal=sig, fmt=["16", "16"],
-                write_dir=str(tmp_path))
-    w = read_wfdb_windows([tmp_path / "rec"], leads=EXPERIMENT_LEADS)
-    assert w.present[0].tolist() == [False, True, True]  # PTB spells leads "ii", "v5"
-
-
 def test_feature_variants_shapes():
-    w = read_wfdb_windows([records_in(DEMO_DATA)[0]], leads=EXPERIMENT_LEADS)  # record 100: II, V5
+    w = read_windows([records_in(DEMO_DATA)[0]], leads=EXPERIMENT_LEADS)  # record 100: II, V5
     torch.manual_seed(0)
     m = CBraMod.from_config("tiny")
     last = encoder_features(m, w.x[:3], w.present[:3], layers="last")
