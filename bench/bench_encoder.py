@@ -6,7 +6,7 @@
 Same harness as ``cbramod-fast bench`` (same models, weights, real ECG input and step functions); results
 are grouped per (mode, dtype) so pytest-benchmark prints the variants side by side. The Triton backend is
 timed on CUDA only (under the CPU interpreter it is a correctness tool, not a speed). For the interleaved,
-quantile-reporting comparison that feeds the README use ``cbramod-fast bench``.
+quantile-reporting comparison behind the result tables use ``cbramod-fast bench``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ import os
 import pytest
 import torch
 
-from cbramod_fast import bench as B
+from cbramod_fast.benchmark.config import BenchConfig, auto_threads
+from cbramod_fast.benchmark.device import model_flops
+from cbramod_fast.benchmark.harness import Variant, build_models, step_fn, sync
+from cbramod_fast.benchmark.inputs import make_input, patch_stream
+from cbramod_fast.model.config import PRESETS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PRESET = os.environ.get("CBRAMOD_BENCH_PRESET", "base" if DEVICE == "cuda" else "small")
@@ -31,7 +35,7 @@ VARIANTS = ["fast[torch]", "reference"] + (["fast[triton]"] if DEVICE == "cuda" 
 def _threads():
     before = torch.get_num_threads()
     if DEVICE == "cpu":
-        torch.set_num_threads(B.auto_threads())  # see auto_threads: all cores collapse on a shared machine
+        torch.set_num_threads(auto_threads())  # see auto_threads: busy cores stall every parallel region
     yield
     torch.set_num_threads(before)
 
@@ -39,12 +43,12 @@ def _threads():
 @pytest.fixture(scope="module")
 def models():
     backends = tuple(v[5:-1] for v in VARIANTS if v.startswith("fast["))
-    return B.build_models(B.BenchConfig(device=DEVICE, preset=PRESET, backends=backends))
+    return build_models(BenchConfig(device=DEVICE, preset=PRESET, backends=backends))
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    x = B.make_input(B.demo_patch_stream(), BATCH, C, N).to(DEVICE)
+    x = make_input(patch_stream(), BATCH, C, N).to(DEVICE)
     mask = (torch.rand(x.shape[:3], generator=torch.Generator().manual_seed(1)) < 0.5).long().to(DEVICE)
     return x, mask
 
@@ -56,16 +60,16 @@ def test_encoder(benchmark, models, inputs, variant, mode, dtype):
     x, mask = inputs
     model = models[variant]().to(DEVICE).train(mode == "train")
     backend = variant[5:-1] if variant.startswith("fast[") else None
-    v = B.Variant(variant, "fast" if backend else variant, backend, dtype, model)
+    v = Variant(variant, "fast" if backend else variant, backend, dtype, model)
     if mode == "train":
         v.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    step = B._step_fn(v, x, mask, mode, DEVICE)
+    step = step_fn(v, x, mask, mode, DEVICE)
 
     def timed():
         step()
-        B._sync(DEVICE)  # pytest-benchmark times on the host: wait for the GPU
+        sync(DEVICE)  # pytest-benchmark times on the host: wait for the GPU
 
     benchmark.group = f"encoder {mode} {dtype} {PRESET} {C}x{N} batch {BATCH} ({DEVICE})"
-    benchmark.extra_info.update({"flops": B.model_flops(B.PRESETS[PRESET], C, N, BATCH, mode),
+    benchmark.extra_info.update({"flops": model_flops(PRESETS[PRESET], C, N, BATCH, mode),
                                  "batch": BATCH, "threads": torch.get_num_threads()})
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)

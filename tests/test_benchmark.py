@@ -1,6 +1,6 @@
 """`cbramod-fast bench`: bad input exits 2 with one line, FLOP count cross-checked against torch's counter,
-a tiny real run writes a complete result file, the original-checkout loader, and the README results are
-rendered from the committed result files."""
+the shipped input array, a tiny real run writes a complete result file, the original-checkout loader, and
+the documents' tables are rendered from the committed result files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cbramod_fast import CBraMod, cli, kernels
-from cbramod_fast import bench as B
+from cbramod_fast.benchmark import config, device, harness, inputs, report
+from cbramod_fast.errors import UsageError
 from cbramod_fast.kernels import reference as kref
 from cbramod_fast.model.config import PRESETS
 
@@ -78,14 +79,14 @@ def test_backend_unavailable_exit_2(capsys, monkeypatch):
 
 
 def test_parsers():
-    assert B.parse_shapes("12x10, 19X30") == ((12, 10), (19, 30))
-    assert B.parse_batches("1,8,64") == (1, 8, 64)
-    assert B.parse_dtypes("bfloat16,fp32,bf16") == ("bf16", "fp32")
+    assert config.parse_shapes("12x10, 19X30") == ((12, 10), (19, 30))
+    assert config.parse_batches("1,8,64") == (1, 8, 64)
+    assert config.parse_dtypes("bfloat16,fp32,bf16") == ("bf16", "fp32")
 
 
 def test_quantiles_match_numpy():
     xs = list(np.random.default_rng(0).exponential(size=37))
-    q = B._quantiles(xs)
+    q = harness.quantiles(xs)
     for k, p in (("p50", 50), ("p90", 90), ("p99", 99)):
         assert q[k] == pytest.approx(np.percentile(xs, p))
 
@@ -104,7 +105,7 @@ def test_flops_match_torch_counter(monkeypatch, preset, c, n, batch):
     # Grad enabled: the CPU inference path uses oneDNN fused ops the counter cannot see; same math.
     with FlopCounterMode(display=False) as fc:
         model(x)
-    fwd = B.model_flops(PRESETS[preset], c, n, batch)
+    fwd = device.model_flops(PRESETS[preset], c, n, batch)
     assert fc.get_total_flops() == pytest.approx(fwd, rel=1e-3)
     fwd_counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
     with FlopCounterMode(display=False) as fc:
@@ -121,18 +122,18 @@ def test_flops_match_torch_counter(monkeypatch, preset, c, n, batch):
 def test_base_flops_match_notes():
     # ../shared/notes/cbramod.md "Cost": ~0.82 MFLOP per token per layer, ~5.7 GFLOP per 19x30 sample
     cfg = PRESETS["base"]
-    per_layer = (B.model_flops(cfg, 19, 30) - B.model_flops(cfg.with_(n_layer=0), 19, 30)) / 12 / 570
+    per_layer = (device.model_flops(cfg, 19, 30) - device.model_flops(cfg.with_(n_layer=0), 19, 30)) / 12 / 570
     assert per_layer == pytest.approx(0.82e6, rel=0.01)
-    assert B.model_flops(cfg, 19, 30) == pytest.approx(5.7e9, rel=0.02)
+    assert device.model_flops(cfg, 19, 30) == pytest.approx(5.7e9, rel=0.02)
 
 
 def test_cpu_peak_is_positive_and_documented():
-    peak = B.cpu_peak()
+    peak = device.cpu_peak()
     assert peak["fp32"] and peak["fp32"] > 1e9 and peak["bf16"] >= peak["fp32"]
     assert "GHz" in peak["method"]
-    assert B.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
-    assert B.gpu_peak("NVIDIA H100 PCIe")["fp32"] == pytest.approx(51.2e12)
-    assert B.gpu_peak("Some GPU")["fp32"] is None
+    assert device.gpu_peak("NVIDIA H100 80GB HBM3")["bf16"] == pytest.approx(989.4e12)
+    assert device.gpu_peak("NVIDIA H100 PCIe")["fp32"] == pytest.approx(51.2e12)
+    assert device.gpu_peak("Some GPU")["fp32"] is None
 
 
 @pytest.mark.parametrize("family,flags,expected", [
@@ -140,20 +141,29 @@ def test_cpu_peak_is_positive_and_documented():
     ("6", "avx512f", None)])
 def test_cpu_generation_names_results(monkeypatch, family, flags, expected):
     vendor = "GenuineIntel" if family == "6" else "AuthenticAMD"
-    monkeypatch.setattr(B, "_cpuinfo", lambda: {"vendor_id": vendor, "cpu family": family, "flags": flags,
+    monkeypatch.setattr(device, "_cpuinfo", lambda: {"vendor_id": vendor, "cpu family": family, "flags": flags,
                                                 "model name": "AMD EPYC"})
-    assert B.cpu_uarch() == expected
+    assert device.cpu_uarch() == expected
     doc = {"device": {"type": "cpu", "name": "AMD EPYC", "uarch": expected},
            "args": {"shapes": [[19, 30]], "preset": "base", "modes": ["infer"], "original": None}}
     slug = {"Zen 4": "cpu-zen4", "Zen 3": "cpu-zen3", "Zen 5": "cpu-zen5", None: "cpu"}[expected]
-    assert B.result_stem(doc) == f"{slug}_base_infer_19x30"
-    assert B.device_label(doc["device"]) == ("AMD EPYC" if expected is None else f"AMD EPYC ({expected})")
+    assert report.result_stem(doc) == f"{slug}_base_infer_19x30"
+    assert report.device_label(doc["device"]) == ("AMD EPYC" if expected is None else f"AMD EPYC ({expected})")
+
+
+def test_shipped_input_is_what_the_script_makes():
+    # The benchmark reads no records (GPU machines may lack the readers' libraries): its input is a shipped
+    # array, rebuilt by bench/make_bench_input.py from the shipped records with the library's own reader.
+    shipped = inputs.patch_stream()
+    assert shipped.dtype == torch.float32 and shipped.shape == (12, 220, 200)
+    np.testing.assert_array_equal(inputs.make_patch_stream(inputs.DEMO_RECORDS), shipped.numpy(),
+                                  err_msg="run `python bench/make_bench_input.py`")
 
 
 def test_make_input_uses_real_leads():
-    stream = B.demo_patch_stream()
+    stream = inputs.patch_stream()
     assert stream.shape[0] == 12 and stream.shape[2] == 200 and stream.abs().sum() > 0
-    x = B.make_input(stream, 3, 14, 5)
+    x = inputs.make_input(stream, 3, 14, 5)
     assert x.shape == (3, 14, 5, 200)
     assert torch.equal(x[:, 12], x[:, 0])  # lead 12 wraps to lead 0
     assert torch.equal(x[1, 0, 0], stream[0, 5])  # sample 1 continues where sample 0 ended
@@ -161,7 +171,7 @@ def test_make_input_uses_real_leads():
 
 def _cpu_stem(shapes, modes) -> str:
     # The CPU slug names the Zen generation where /proc/cpuinfo tells it (cpu-zen4_...), else "cpu".
-    return B.result_stem({"device": {"type": "cpu", "uarch": B.cpu_uarch()},
+    return report.result_stem({"device": {"type": "cpu", "uarch": device.cpu_uarch()},
                           "args": {"shapes": shapes, "preset": "tiny", "modes": modes, "original": None}})
 
 
@@ -174,7 +184,7 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
     doc = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert doc["schema"] == B.SCHEMA
+    assert doc["schema"] == config.SCHEMA
     for key in ("created", "device", "versions", "git", "args", "model_config", "definitions", "results"):
         assert key in doc
     assert doc["device"]["type"] == "cpu" and doc["device"]["cpu_model"] and doc["versions"]["torch"]
@@ -186,7 +196,7 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
         assert r["repeats"] == 3 and len(r["times_s"]) == 3
         assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
         assert r["samples_per_s"] == pytest.approx(r["batch"] / lat["p50"])
-        assert r["flops"] == B.model_flops(PRESETS["tiny"], 4, 3, r["batch"], r["mode"])
+        assert r["flops"] == device.model_flops(PRESETS["tiny"], 4, 3, r["batch"], r["mode"])
         assert 0 < r["utilisation"] < 1
         assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] > 0
         tol = 1e-5 if r["dtype"] == "fp32" else 5e-2  # bf16 autocast: ~3 significant digits per op
@@ -207,31 +217,31 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_tiny_run_cuda(tmp_path):
-    cfg = B.BenchConfig(device="cuda", preset="tiny", shapes=((4, 3),), batches=(1, 4), dtypes=("fp32", "bf16"),
+    cfg = config.BenchConfig(device="cuda", preset="tiny", shapes=((4, 3),), batches=(1, 4), dtypes=("fp32", "bf16"),
                         modes=("infer", "train"), repeats=5, out=str(tmp_path), quiet=True)
-    doc = B.run_bench(cfg)
+    doc = harness.run_bench(cfg)
     assert doc["device"]["type"] == "cuda" and doc["device"]["peak_flops"]["method"]
     for r in doc["results"]:
         assert r["latency_s"]["p50"] > 0 and r["peak_mem_bytes"] > 0
         assert r["rel_err_vs_fp32_reference"] < (1e-4 if r["dtype"] == "fp32" else 5e-2)
-    assert B.write_results(doc, tmp_path, plot=True)[0].name.startswith("cuda-")
+    assert report.write_results(doc, tmp_path, plot=True)[0].name.startswith("cuda-")
 
 
 @pytest.mark.gpu
 def test_tiny_run_cuda_graph_and_triton_summary(tmp_path):
-    cfg = B.BenchConfig(device="cuda", preset="tiny", shapes=((4, 3),), batches=(1, 4), modes=("infer",),
+    cfg = config.BenchConfig(device="cuda", preset="tiny", shapes=((4, 3),), batches=(1, 4), modes=("infer",),
                         repeats=5, out=str(tmp_path), quiet=True, backends=("torch", "triton"),
                         variants=(("reference", "fp32", None), ("fast[torch]", "bf16", None),
                                   ("fast[triton]", "bf16", None), ("fast[triton]", "bf16", "graph"),
                                   ("fast[triton]", "fp32", "graph")))
-    doc = B.run_bench(cfg)
+    doc = harness.run_bench(cfg)
     for r in doc["results"]:
         assert r["latency_s"]["p50"] > 0
         # the replayed graph computes the model: its output is checked like every timed variant's
         assert r["rel_err_vs_fp32_reference"] < (1e-4 if r["dtype"] == "fp32" else 5e-2), r["variant"]
     assert [(s["batch"], s["c"]["variant"].startswith("fast[triton]")) for s in doc["summary"]] == [(1, True),
                                                                                                     (4, True)]
-    assert "Summary:" in B.render_markdown(doc)
+    assert "Summary:" in report.render_markdown(doc)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not kernels.triton_available(),
@@ -263,40 +273,42 @@ def _fake_original(root: Path) -> None:
 def test_load_original_restores_sys_modules(tmp_path):
     _fake_original(tmp_path / "CBraMod")
     before_path = list(sys.path)
-    cls = B.load_original(tmp_path / "CBraMod")
+    cls = harness.load_original(tmp_path / "CBraMod")
     assert cls.__name__ == "CBraMod" and "models" not in sys.modules and sys.path == before_path
     (tmp_path / "broken" / "models").mkdir(parents=True)
     (tmp_path / "broken" / "models" / "cbramod.py").write_text("import no_such_module_xyz\n")
-    with pytest.raises(cli.UsageError, match="no_such_module_xyz"):
-        B.load_original(tmp_path / "broken")
+    with pytest.raises(UsageError, match="no_such_module_xyz"):
+        harness.load_original(tmp_path / "broken")
 
 
 def test_original_variant_runs(tmp_path):
     _fake_original(tmp_path / "CBraMod")
-    cfg = B.BenchConfig(preset="tiny", shapes=((3, 2),), batches=(1,), dtypes=("fp32",), repeats=2,
+    cfg = config.BenchConfig(preset="tiny", shapes=((3, 2),), batches=(1,), dtypes=("fp32",), repeats=2,
                         original=str(tmp_path / "CBraMod"), quiet=True, threads=1)
-    doc = B.run_bench(cfg)
+    doc = harness.run_bench(cfg)
     orig = [r for r in doc["results"] if r["model"] == "original"]
     assert len(orig) == 1 and orig[0]["rel_err_vs_fp32_reference"] == 0.0  # same weights, same math
     assert doc["original"]["path"] == str(tmp_path / "CBraMod") and "commit" in doc["original"]
 
 
-def test_readme_results_rendered_from_result_files():
+def test_documents_rendered_from_result_files():
+    # README's headline table and docs/benchmarks.md's tables are generated: no number typed by hand.
     spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    docs = report.load_committed(REPO)
+    bench_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_report)
+    docs = bench_report.load_committed(REPO)
     if docs is None:  # not a git checkout: the files on disk are what was shipped
-        docs = report.load_results()
-    readme = (REPO / "README.md").read_text()
-    assert report.splice(readme, report.render(docs)) == readme, "run `python bench/report.py`"
+        docs = bench_report.load_results()
+    assert docs, "no result files"
+    for path, text in bench_report.expected(docs, REPO).items():
+        assert path.read_text() == text, f"{path.name} is stale: run `python bench/report.py`"
 
 
 def test_parse_variants():
-    assert B.parse_variants("reference:fp32, triton:bfloat16:compile,torch:bf16:graph,reference:fp32") == (
+    assert config.parse_variants("reference:fp32, triton:bfloat16:compile,torch:bf16:graph,reference:fp32") == (
         ("reference", "fp32", None), ("fast[triton]", "bf16", "compile"), ("fast[torch]", "bf16", "graph"))
-    with pytest.raises(cli.UsageError, match="names no variant"):
-        B.parse_variants(" , ")
+    with pytest.raises(UsageError, match="names no variant"):
+        config.parse_variants(" , ")
 
 
 def _row(variant, backend, dtype, p50, compile=None, mode="train", batch=64, util=0.1):
@@ -313,26 +325,26 @@ def test_speedups_and_summary_pick_eager_reference_and_fastest_native():
             _row("fast[triton]", "triton", "bf16", 0.05), _row("fast[triton]+compile", "triton", "bf16", 0.04,
                                                                 "compile", util=0.4),
             _row("reference", None, "fp32", 0.01, batch=1)]  # a group without Triton: no summary line
-    B._add_speedups(rows)
+    harness.add_speedups(rows)
     by = {(r["variant"], r["dtype"], r["batch"]): r for r in rows}
     # the baseline is the eager reference, never its compiled twin
     assert by[("reference+compile", "bf16", 64)]["speedup_vs_reference"] == pytest.approx(2.0)
     assert by[("fast[triton]+compile", "bf16", 64)]["speedup_vs_reference_fp32"] == pytest.approx(10.0)
     assert by[("fast[triton]+compile", "bf16", 64)]["speedup_vs_best_native"] == pytest.approx(2.0)
     assert by[("fast[triton]", "bf16", 64)]["best_native_variant"] == "fast[torch]+compile"
-    (s,) = B.kernel_summary(rows)
+    (s,) = harness.kernel_summary(rows)
     assert (s["a"]["variant"], s["b"]["variant"], s["c"]["variant"]) == ("reference", "fast[torch]+compile",
                                                                          "fast[triton]+compile")
     assert s["c_over_a"] == pytest.approx(10.0) and s["c_over_b"] == pytest.approx(2.0)
-    table = B.summary_table([s])
+    table = report.summary_table([s])
     assert ("| train | 19×30 | 64 | reference | 160.0 | fast[torch]+compile bf16 | 800.0 | fast[triton]+compile bf16 "
             "| 1600.0 |") in table and "| 10.00 | 2.00 | 40.0 % |" in table
     # with the original implementation in the run, (a) is the original
     rows.append(_row("original", None, "fp32", 0.5))
-    B._add_speedups(rows)
-    assert B.kernel_summary(rows)[0]["a"]["variant"] == "original"
-    assert B.kernel_summary(rows)[0]["c_over_a"] == pytest.approx(12.5)
-    assert B.summary_table([]) == ""
+    harness.add_speedups(rows)
+    assert harness.kernel_summary(rows)[0]["a"]["variant"] == "original"
+    assert harness.kernel_summary(rows)[0]["c_over_a"] == pytest.approx(12.5)
+    assert report.summary_table([]) == ""
 
 
 def test_compile_tags_wrap_the_right_variants(monkeypatch, tmp_path):
@@ -345,22 +357,22 @@ def test_compile_tags_wrap_the_right_variants(monkeypatch, tmp_path):
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    cfg = B.BenchConfig(preset="tiny", shapes=((3, 2),), batches=(1,), modes=("infer", "train"), repeats=2,
+    cfg = config.BenchConfig(preset="tiny", shapes=((3, 2),), batches=(1,), modes=("infer", "train"), repeats=2,
                         quiet=True, threads=1, backends=("torch",),
                         variants=(("reference", "fp32", None), ("reference", "fp32", "compile"),
                                   ("fast[torch]", "fp32", "compile-layers"), ("fast[torch]", "fp32", "compile-ro")))
-    doc = B.run_bench(cfg)
+    doc = harness.run_bench(cfg)
     n_layer = PRESETS["tiny"].n_layer
     per_mode = [("ReferenceCBraMod", None, False)] + [("CrissCrossLayer", None, False)] * n_layer + [
         ("CBraMod", "reduce-overhead", False)]
     assert calls == per_mode * 2
-    labels = [B._variant_label(r) for r in doc["results"] if r["mode"] == "train"]
+    labels = [report.variant_label(r) for r in doc["results"] if r["mode"] == "train"]
     assert labels == ["reference", "reference + torch.compile", "cbramod-fast (torch) + torch.compile per layer",
                       "cbramod-fast (torch) + compile (reduce-overhead)"]
     for r in doc["results"]:
         assert r["rel_err_vs_fp32_reference"] < 1e-5 and r["speedup_vs_best_native"] > 0
     assert doc["summary"] == []  # no Triton variant timed
-    md = B.render_markdown(doc)
+    md = report.render_markdown(doc)
     assert "torch.compile (first calls incl. compilation" in md and "Summary:" not in md
 
 
@@ -368,11 +380,11 @@ def test_repeated_layers_finds_the_encoder_layers():
     from cbramod_fast import ReferenceCBraMod
 
     cfg = PRESETS["tiny"]
-    assert len(B.repeated_layers(CBraMod(**cfg.to_dict(), backend="torch"))) == cfg.n_layer
+    assert len(harness.repeated_layers(CBraMod(**cfg.to_dict(), backend="torch"))) == cfg.n_layer
     ref = ReferenceCBraMod(**{k: v for k, v in cfg.to_dict().items() if k != "dropout"})
-    assert len(B.repeated_layers(ref)) == cfg.n_layer
-    with pytest.raises(cli.UsageError, match="no list of repeated layers"):
-        B.repeated_layers(torch.nn.Linear(2, 2))
+    assert len(harness.repeated_layers(ref)) == cfg.n_layer
+    with pytest.raises(UsageError, match="no list of repeated layers"):
+        harness.repeated_layers(torch.nn.Linear(2, 2))
 
 
 def test_a_failing_variant_is_recorded_and_the_rest_measured(monkeypatch, tmp_path, capsys):
