@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from cbramod_fast import CBraMod, ReferenceCBraMod
+from cbramod_fast.corpus.windows import read_windows
 from cbramod_fast.masking import dual_mask
 from cbramod_fast.model.config import PRESETS
 from cbramod_fast.pretrain import DEMO_DATA, masked_mse
-from cbramod_fast.probe import read_wfdb_windows, records_in
+from cbramod_fast.readers import records_in
 
 RESULTS = Path(__file__).parent / "results"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,7 +34,7 @@ WARMUP, REPEATS = 3, 10
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    w = read_wfdb_windows(records_in(DEMO_DATA))
+    w = read_windows(records_in(DEMO_DATA))
     idx = torch.arange(BATCH) % len(w.x)
     return torch.from_numpy(w.x)[idx].to(DEVICE), torch.from_numpy(w.present)[idx].to(DEVICE)
 

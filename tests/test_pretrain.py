@@ -15,6 +15,7 @@ import torch
 
 from cbramod_fast import CBraMod, ReferenceCBraMod
 from cbramod_fast.cli import main
+from cbramod_fast.corpus.windows import read_windows
 from cbramod_fast.masking import dual_mask
 from cbramod_fast.pretrain import (
     DEMO_DATA,
@@ -25,13 +26,13 @@ from cbramod_fast.pretrain import (
     masked_mse,
     pretrain,
 )
-from cbramod_fast.probe import read_wfdb_windows, records_in
+from cbramod_fast.readers import records_in
 
 
 @pytest.fixture(scope="module")
 def windows():
     """48 real windows of the shipped sample: 26 of MIT-BIH 100 (leads II, V5) then 22 of CinC 2021 (12 leads)."""
-    w = read_wfdb_windows(records_in(DEMO_DATA))
+    w = read_windows(records_in(DEMO_DATA))
     sel = np.r_[0:26, len(w.x) - 22:len(w.x)]
     assert set(w.record[:26]) == {"100"} and "100" not in w.record[-22:]
     return torch.from_numpy(w.x[sel]), torch.from_numpy(w.present[sel])
