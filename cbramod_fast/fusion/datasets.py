@@ -1,7 +1,8 @@
 """EEG + ECG trial datasets for fusion: DREAMER (.mat), eegmat (EDF) and a generic per-trial .npz format.
 
-Every loader returns a list of :class:`Trial` with signals in µV, channels first, at their native rates;
-:func:`make_windows` turns them into 200 Hz CBraMod patches with the C++ pipeline.
+Every loader returns a list of :class:`Trial` with signals in µV, channels first, at their native rates
+(EDF files are read by :mod:`cbramod_fast.readers`); :func:`make_windows` turns them into 200 Hz CBraMod
+patches with the C++ pipeline.
 
 Generic format (AMIGOS, WESAD, your own): a directory of ``*.npz`` files, one per trial, holding
 ``eeg`` (C, T) float, ``eeg_fs`` (scalar), ``ecg`` (L, T') float, ``ecg_fs``, ``subject`` (str),
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import signal as sig
+from ..readers import read_edf_signals
 
 DREAMER_TARGETS = ("valence", "arousal", "dominance")
 
@@ -101,32 +103,10 @@ def load_dreamer(path: str | Path) -> list[Trial]:
 
 # -- eegmat (PhysioNet "EEG During Mental Arithmetic Tasks") ------------------------------------------
 
-_UNIT_TO_UV = {"uv": 1.0, "µv": 1.0, "mv": 1000.0, "v": 1e6}
-
-
-def read_edf(path: str | Path) -> tuple[np.ndarray, float, list[str]]:
-    """All signals of an EDF in µV, their common rate and labels (signals at other rates are dropped)."""
-    import pyedflib
-
-    try:
-        f = pyedflib.EdfReader(str(path))
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable EDF file ({exc})") from exc
-    try:
-        fs_all = f.getSampleFrequencies()
-        fs = float(np.bincount(fs_all.astype(int)).argmax())
-        rows, labels = [], []
-        for i, lab in enumerate(f.getSignalLabels()):
-            if float(fs_all[i]) != fs:
-                continue
-            unit = f.getPhysicalDimension(i).strip().lower()
-            if unit not in _UNIT_TO_UV:
-                raise ValueError(f"{path}: signal {lab!r} has unknown unit {unit!r}")
-            rows.append(f.readSignal(i) * _UNIT_TO_UV[unit])
-            labels.append(lab.strip())
-    finally:
-        f.close()
-    return np.asarray(rows), fs, labels
+def eeg_ecg_channels(labels: list[str]) -> tuple[list[int], list[int]]:
+    """Indices of the EEG channels (``EEG ...``, without the A2-A1 reference) and the ECG ones (``ECG ...``)."""
+    eeg = [i for i, n in enumerate(labels) if n.upper().startswith("EEG") and "A2-A1" not in n.upper()]
+    return eeg, [i for i, n in enumerate(labels) if n.upper().startswith("ECG")]
 
 
 def load_eegmat(folder: str | Path) -> list[Trial]:
@@ -138,9 +118,8 @@ def load_eegmat(folder: str | Path) -> list[Trial]:
         raise FileNotFoundError(f"{folder}: no SubjectXX_1.edf / SubjectXX_2.edf files")
     trials = []
     for path in files:
-        x, fs, labels = read_edf(path)
-        eeg_idx = [i for i, n in enumerate(labels) if n.upper().startswith("EEG") and "A2-A1" not in n.upper()]
-        ecg_idx = [i for i, n in enumerate(labels) if n.upper().startswith("ECG")]
+        x, fs, labels = read_edf_signals(path)
+        eeg_idx, ecg_idx = eeg_ecg_channels(labels)
         if not eeg_idx or not ecg_idx:
             raise ValueError(f"{path}: expected EEG and ECG channels, found {labels}")
         subject, cond = path.stem.rsplit("_", 1)
@@ -189,7 +168,9 @@ LOADERS = {"dreamer": load_dreamer, "eegmat": load_eegmat, "npz": load_npz_dir}
 # -- windows ----------------------------------------------------------------------------------------------
 
 @dataclass
-class Windows:
+class TrialWindows:
+    """Both modalities of every trial cut into aligned windows, with each window's trial, subject and labels."""
+
     eeg: np.ndarray  # (W, C, window_s, 200) float32, µV/100
     ecg: np.ndarray  # (W, L, window_s, 200)
     trial: np.ndarray  # (W,) index into the trial list
@@ -198,7 +179,8 @@ class Windows:
     baseline_of: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # trial -> baseline windows
 
 
-def _patches(x: np.ndarray, fs: float, band: tuple[float, float], notch: float | None) -> np.ndarray:
+def to_patches(x: np.ndarray, fs: float, band: tuple[float, float], notch: float | None) -> np.ndarray:
+    """``(C, T)`` µV at ``fs`` → ``(C, N, 200)`` patches at 200 Hz, µV/100 (band-pass, optional notch)."""
     hi = min(band[1], 0.45 * fs)  # keep the band below Nyquist for low-rate recordings (128 Hz EEG)
     return sig.preprocess(x, fs, band=(band[0], hi), notch=notch, fs_out=200).patches  # (C, N, 200)
 
@@ -209,8 +191,8 @@ def trial_windows(t: Trial, window_s: int, eeg_band=(0.3, 45.0), ecg_band=(0.5, 
     src = (t.eeg_baseline, t.ecg_baseline) if baseline else (t.eeg, t.ecg)
     if src[0] is None or src[1] is None:
         raise ValueError(f"trial {t.trial}: both EEG and ECG are needed")
-    e = _patches(src[0], t.eeg_fs, eeg_band, notch)
-    c = _patches(src[1], t.ecg_fs, ecg_band, notch)
+    e = to_patches(src[0], t.eeg_fs, eeg_band, notch)
+    c = to_patches(src[1], t.ecg_fs, ecg_band, notch)
     n = min(e.shape[1], c.shape[1]) // window_s
     if n == 0:
         return np.zeros((0, e.shape[0], window_s, 200), np.float32), np.zeros((0, c.shape[0], window_s, 200), np.float32)
@@ -222,7 +204,7 @@ def trial_windows(t: Trial, window_s: int, eeg_band=(0.3, 45.0), ecg_band=(0.5, 
 
 
 def make_windows(trials: list[Trial], window_s: int = 10, baseline_correction: bool = False, notch=None,
-                 progress: bool = True) -> Windows:
+                 progress: bool = True) -> TrialWindows:
     from tqdm.auto import tqdm
 
     eegs, ecgs, tri, subj, labs, base = [], [], [], [], {k: [] for k in trials[0].labels}, {}
@@ -238,7 +220,7 @@ def make_windows(trials: list[Trial], window_s: int = 10, baseline_correction: b
             base[i] = trial_windows(t, window_s, notch=notch, baseline=True)
     if not sum(len(e) for e in eegs):
         raise ValueError(f"no trial is longer than one {window_s}-s window")
-    return Windows(np.concatenate(eegs), np.concatenate(ecgs), np.asarray(tri), np.asarray(subj),
+    return TrialWindows(np.concatenate(eegs), np.concatenate(ecgs), np.asarray(tri), np.asarray(subj),
                    {k: np.asarray(v, dtype=float) for k, v in labs.items()}, base)
 
 

@@ -20,8 +20,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, r
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..fusion import FitConfig, FusionModel, embed_all, fit
-from .datasets import Windows
+from .datasets import TrialWindows
+from .model import FitConfig, FusionModel, embed_all, fit
 
 METRICS = ("auc", "f1", "accuracy", "balanced_accuracy")
 MODELS = ("fusion", "eeg", "ecg")
@@ -59,7 +59,7 @@ def heart_rate(ecg: np.ndarray, fs: float = 200.0) -> float:
     return 60.0 * fs / float(np.median(np.diff(peaks)))
 
 
-def handcrafted_features(w: Windows, fs: float = 200.0) -> np.ndarray:
+def handcrafted_features(w: TrialWindows, fs: float = 200.0) -> np.ndarray:
     """Per window: log EEG band powers (channel-averaged per band, plus per channel) and ECG heart rate."""
     from scipy.signal import welch
 
@@ -148,7 +148,7 @@ class FoldOutput:
     baseline_c: list[float] = field(default_factory=list)  # the baseline's chosen C per target
 
 
-def cached_embeddings(template: FusionModel, w: Windows, baseline_correction: bool = False,
+def cached_embeddings(template: FusionModel, w: TrialWindows, baseline_correction: bool = False,
                       progress: bool = True) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
@@ -165,7 +165,7 @@ def cached_embeddings(template: FusionModel, w: Windows, baseline_correction: bo
     return embs
 
 
-def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y: np.ndarray, w: Windows,
+def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y: np.ndarray, w: TrialWindows,
              test_subjects: list[str], cfg: EvalConfig) -> FoldOutput:
     test = np.isin(w.subject, test_subjects)
     tr, te = np.flatnonzero(~test), np.flatnonzero(test)
@@ -204,7 +204,7 @@ def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y
     return FoldOutput(test_subjects, tr, te, probs, models, chosen)
 
 
-def evaluate(w: Windows, y: np.ndarray, targets: list[str], encoders: dict, cfg: EvalConfig,
+def evaluate(w: TrialWindows, y: np.ndarray, targets: list[str], encoders: dict, cfg: EvalConfig,
              progress: bool = True, on_fold=None) -> tuple[dict, dict]:
     """Run every fold; returns (results by model -> target -> metric, pooled predictions for plots)."""
     from tqdm.auto import tqdm

@@ -1,4 +1,4 @@
-"""EEG + ECG fusion: two CBraMod encoders, pooled embeddings concatenated, a (multi-task) head.
+"""The fusion model: two CBraMod encoders, pooled embeddings concatenated, a (multi-task) head; its training.
 
 Embeddings are pooled over channels and patches (mean, or attention pooling with a learned query) — never a
 giant flatten head, so any channel count and window length work. A modality can be missing at prediction
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import CBraMod
+from ..model import CBraMod
 
 MODALITIES = ("eeg", "ecg")
 

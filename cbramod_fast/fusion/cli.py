@@ -1,8 +1,8 @@
-"""`cbramod-fast evaluate` and `cbramod-fast predict`.
+"""`cbramod-fast evaluate` and `cbramod-fast predict`: the fusion protocol and saved models on the command line.
 
-    cbramod-fast evaluate eegmat ../shared/data/eeg_ecg_eegmat --out runs/eegmat
+    cbramod-fast evaluate eegmat EEGMAT_FOLDER --out runs/eegmat --final
     cbramod-fast evaluate dreamer DREAMER.mat --eeg-weights pretrained_weights.pth --ecg-weights ecg.pth --out runs/dreamer
-    cbramod-fast predict --model runs/eegmat/final --eeg-ecg trial.npz  (or an eegmat-style EDF)
+    cbramod-fast predict trial.npz --model runs/eegmat/final      (or an eegmat-style EDF)
 
 Outputs in --out: results.json (model -> target -> metric -> {mean, std, n_folds, pooled}, plus trial_*
 metrics and a "_meta" entry with seeds, weights, class balance), results.md, roc_<target>.png, and the
@@ -14,32 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..cli import UsageError
-from ..fusion import FitConfig, FusionModel, embed_all, fit
+from ..atomic import atomic_text, atomic_write
+from ..errors import UsageError
 from ..model import CBraMod
+from ..readers import read_edf_signals
 from . import datasets as ds
+from .model import FitConfig, FusionModel, embed_all, fit
 from .protocol import EvalConfig, evaluate, markdown_table
 
 DEFAULT_THRESHOLD = {"dreamer": 3.0, "npz": 3.0, "eegmat": None}
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_encoder(weights: str | None, preset: str, seed: int, what: str) -> tuple[CBraMod, str]:
@@ -73,7 +62,7 @@ def _roc_plot(preds: dict, targets: list[str], out: Path) -> list[str]:
         ax.legend(loc="lower right")
         fig.tight_layout()
         path = out / f"roc_{t}.png"
-        _atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         files.append(path.name)
     return files
@@ -87,7 +76,7 @@ def _save_fusion(model: FusionModel, path: Path, targets: list[str], thresholds:
     state = {k: v for k, v in model.state_dict().items() if with_encoders or not k.startswith("encoders.")}
     payload = {"state": state, "use": list(model.cfg.use), "pooling": model.cfg.pooling, "head": model.cfg.head,
                "num_outputs": model.cfg.num_outputs, "targets": targets, "thresholds": thresholds}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def run_evaluate(args: argparse.Namespace) -> dict:
@@ -116,7 +105,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                                    encoder_lr_scale=args.encoder_lr_scale, freeze=tuple(args.freeze or ())))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "encoders.pt", lambda tmp: torch.save(
+    atomic_write(out / "encoders.pt", lambda tmp: torch.save(
         {m: {"config": e.config.to_dict(), "state": e.state_dict(), "source": s}
          for m, e, s in (("eeg", eeg, eeg_src), ("ecg", ecg, ecg_src))}, tmp))
     thresholds = {t: threshold for t in targets}
@@ -136,9 +125,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         "window_s": args.window, "scheme": args.scheme, "seed": args.seed, "mode": args.mode,
         "eeg_weights": eeg_src, "ecg_weights": ecg_src, "epochs": args.epochs, "folds": folds_meta,
     }
-    _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, allow_nan=True)))
+    atomic_text(out / "results.json", json.dumps(results, indent=2, allow_nan=True))
     md = markdown_table({k: v for k, v in results.items() if not k.startswith("_")}, targets)
-    _atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(md + "\n"))
+    atomic_text(out / "results.md", md + "\n")
     if not args.no_plots:
         _roc_plot(preds, targets, out)
     if args.final:
@@ -183,9 +172,8 @@ def run_predict(args: argparse.Namespace) -> dict:
     for path in args.files:
         p = Path(path)
         if p.suffix.lower() == ".edf":
-            x, fs, labels = ds.read_edf(p)
-            eeg_i = [i for i, n in enumerate(labels) if n.upper().startswith("EEG") and "A2-A1" not in n.upper()]
-            ecg_i = [i for i, n in enumerate(labels) if n.upper().startswith("ECG")]
+            x, fs, labels = read_edf_signals(p)
+            eeg_i, ecg_i = ds.eeg_ecg_channels(labels)
             trial = ds.Trial("?", p.stem, x[eeg_i] if eeg_i else None, fs, x[ecg_i] if ecg_i else None, fs, {})
         elif p.suffix.lower() == ".npz":
             z = np.load(p)
@@ -201,7 +189,7 @@ def run_predict(args: argparse.Namespace) -> dict:
         for m in ("eeg", "ecg"):
             sig_ = getattr(trial, m)
             if sig_ is not None:
-                patches = ds._patches(np.asarray(sig_, float), getattr(trial, f"{m}_fs"),
+                patches = ds.to_patches(np.asarray(sig_, float), getattr(trial, f"{m}_fs"),
                                       (0.3, 45.0) if m == "eeg" else (0.5, 45.0), None)
                 n = patches.shape[1] // args.window
                 if n == 0:

@@ -1,3 +1,0 @@
-"""Emotion / state recognition from EEG + ECG: datasets, subject-independent protocol, CLI."""
-
-from __future__ import annotations
