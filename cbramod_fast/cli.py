@@ -2,7 +2,9 @@
 
 Each subcommand lives in the module that does the work; that module exposes ``COMMANDS``, a dict
 ``name -> (add_arguments(parser), run(args) -> int)``. Modules are imported only when their command
-runs, so ``cbramod-fast bench`` does not pay for the corpus readers and vice versa.
+runs, so ``cbramod-fast bench`` does not pay for the corpus readers and vice versa. Errors a user can fix
+(:class:`cbramod_fast.errors.UsageError`, a missing file) are printed as one line with exit code 2;
+``CBRAMOD_FAST_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,19 +14,17 @@ import importlib
 import os
 import sys
 
-# name -> (module, one-line help). Order is the data path: signal -> corpus -> pretrain -> fusion -> bench.
+from .errors import UsageError
+
+# name -> (module, one-line help). Order is the data path: corpus -> pretrain -> fusion, then the benchmark.
 _COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("cbramod_fast.corpus.cli", "build / merge / inspect an ECG pretraining corpus"),
-    "pretrain": ("cbramod_fast.pretrain", "dual-masking ECG pretraining (default: the shipped real-ECG demo)"),
-    "export": ("cbramod_fast.pretrain", "write a pretraining run's encoder as an original-layout state dict"),
-    "evaluate": ("cbramod_fast.emotion.evaluate", "subject-independent EEG+ECG fusion evaluation"),
-    "predict": ("cbramod_fast.emotion.evaluate", "predict with a saved fusion model"),
-    "bench": ("cbramod_fast.bench", "latency / throughput report of the encoder"),
+    "pretrain": ("cbramod_fast.pretrain.cli", "dual-masking ECG pretraining (default: the shipped real-ECG demo)"),
+    "export": ("cbramod_fast.pretrain.cli", "write a pretraining run's encoder as an original-layout state dict"),
+    "evaluate": ("cbramod_fast.fusion.cli", "subject-independent EEG+ECG fusion evaluation"),
+    "predict": ("cbramod_fast.fusion.cli", "predict with a saved fusion model"),
+    "bench": ("cbramod_fast.benchmark.cli", "latency / throughput report of the encoder"),
 }
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported as one line, exit code 2."""
 
 
 def _top_help() -> str:
