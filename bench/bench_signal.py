@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -34,6 +33,8 @@ import scipy.signal as ss
 
 from cbramod_fast import _ext
 from cbramod_fast import signal as S
+from cbramod_fast.benchmark.device import cpu_model
+from cbramod_fast.readers import read_edf_signals, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -52,14 +53,11 @@ def _commit() -> str:
 
 def load_ecg(copies: int = 8) -> np.ndarray:
     """(25 * copies, 12, 5000) float32 µV from the shipped CinC 2021 demo records."""
-    import wfdb
-
     recs = []
     for hea in sorted(DEMO.glob("[EHJ]*.hea")):
-        r = wfdb.rdrecord(str(hea.with_suffix("")))
-        assert r.fs == 500 and r.p_signal.shape == (5000, 12), hea
-        scale = np.array([1000.0 if u.lower() == "mv" else 1.0 for u in r.units])
-        recs.append(r.p_signal.T * scale[:, None])
+        r = read_record(hea)
+        assert r.fs == 500 and r.signal.shape == (12, 5000) and r.present.all(), hea
+        recs.append(r.signal)
     assert len(recs) == 25, f"expected the 25 CinC demo records in {DEMO}"
     return np.ascontiguousarray(np.stack(recs * copies), dtype=np.float32)
 
@@ -69,14 +67,11 @@ def load_eeg(seconds: int = 30, fs: int = 256) -> np.ndarray | None:
     ../shared."""
     if not EEGMAT.is_dir():
         return None
-    import pyedflib
-
     out = []
     for edf_path in sorted(EEGMAT.glob("Subject*.edf")):
-        with pyedflib.EdfReader(str(edf_path)) as edf:
-            idx = [i for i, lab in enumerate(edf.getSignalLabels()) if lab.startswith("EEG ")][:19]
-            x = np.stack([edf.readSignal(i) for i in idx])
-            up, down = S.resample_ratio(edf.getSampleFrequency(idx[0]), fs)
+        x, fs_rec, labels = read_edf_signals(edf_path)
+        x = x[[i for i, lab in enumerate(labels) if lab.startswith("EEG ")][:19]]
+        up, down = S.resample_ratio(fs_rec, fs)
         y = ss.resample_poly(x, up, down, axis=-1)
         n = y.shape[-1] // (seconds * fs)
         out.extend(np.split(y[:, : n * seconds * fs], n, axis=-1))
@@ -184,9 +179,9 @@ def run_signal_benchmark(warmup: int = 1, repeats: int = 7, copies: int = 8) -> 
     doc = {
         "what": "cbramod_fast.signal.preprocess (band-pass 0.5-45 Hz, notch 50 Hz, resample to 200 Hz, x0.01, "
                 "patches of 200) vs the scipy equivalent, same process, same inputs",
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "cpu": cpu_model(), "cores": os.cpu_count(),
         "load_avg_at_start": list(os.getloadavg()),
-        "note": "shared, noisy machine (several engineers' jobs on 2 cores): compare ratios within this file",
+        "note": "compare ratios within this file: absolute times depend on the load (load averages here)",
         "commit": _commit(), "versions": {"numpy": np.__version__, "scipy": scipy.__version__},
         "simd_path": _ext.simd_path(), "default_threads": _ext.default_threads(),
         "warmup": warmup, "repeats": repeats,

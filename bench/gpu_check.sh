@@ -1,47 +1,41 @@
 #!/usr/bin/env bash
-# The GPU session in one device-tool call (no GPU was ever available to this project, so this script is
-# what makes a lent H100/H200 productive): versions, install, GPU tests, the Triton-kernel issue's
-# training-step table (ECG 12x10 and EEG 19x30, B = 64 and 256: (a) reference fp32 eager, (b) torch-native
-# bf16 + compile, (c) ours with the Triton kernels), inference B = 1 19x30 with CUDA graphs, and the
-# attention / masking kernel benchmarks vs PyTorch and SDPA.
+# The GPU check in one go: versions, install, GPU tests, the training-step table (ECG 12x10 and EEG 19x30,
+# B = 64 and 256: (a) reference fp32 eager, (b) torch-native bf16 + compile, (c) ours with the Triton
+# kernels), inference B = 1 19x30 with CUDA graphs, and the attention / masking kernel benchmarks vs PyTorch
+# and SDPA.
 #
-#   device tool:  run(command="bash bench/gpu_session.sh", carry=["device_carry"], timeout_s=560)
-#   here (CPU):   bash bench/gpu_session.sh --dry-run     # same stages, tiny preset, tags that need a GPU
-#                                                         # stripped, tests only collected; a few minutes
+#   OUT=DIR bash bench/gpu_check.sh              # on a CUDA machine; results in DIR
+#   bash bench/gpu_check.sh --dry-run            # here, on CPU: same stages, tiny preset, tags that need a
+#                                                # GPU stripped, tests only collected; a few minutes
 #
-# Every stage has its own time limit, cut to what is left of GPU_SESSION_BUDGET_S (default 480 s), and
-# its own log, so a failing or slow stage costs only itself; the order is priority order. The device
-# tool brings back at most 8 files from $OUT: summary.txt (stage table + summary tables, also printed
-# last), the bench markdown tables, and gpu_session.tar.gz with every JSON / markdown / PNG and log.
-# To commit: tar xzf gpu_session.tar.gz, copy results/*/*.json|md|png to bench/results/, run
-# `python bench/report.py`.
+# Every stage has its own time limit, cut to what is left of GPU_CHECK_BUDGET_S (default 480 s), and its
+# own log, so a failing or slow stage costs only itself; the order is priority order. DIR gets at most 8
+# files: summary.txt (stage table + summary tables, also printed last), the bench markdown tables, and
+# gpu_check.tar.gz with every JSON / markdown / PNG and log. To commit: tar xzf gpu_check.tar.gz, copy
+# results/*/*.json|md|png to bench/results/, run `python bench/report.py`.
 #
-# device_carry/ (ignored by .gitignore; carried explicitly) holds wheels the device image lacks. The image
-# has torch, triton, scikit-build-core, pybind11, cmake, ninja, pytest-benchmark, pandas, scipy,
-# matplotlib; it lacks wfdb (pure Python: reads the shipped ECG demo records that feed the benchmark).
-# Make it once, here:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d device_carry wfdb==4.3.1
-# Optionally the original implementation as variant (a'), never committed here: its models/ folder (76 kB) in
-# device_carry/CBraMod, e.g. from a checkout of github.com/wjq-learning/CBraMod (b9e9610 was used on CPU):
-#   mkdir -p device_carry/CBraMod && cp -r /path/to/CBraMod/models device_carry/CBraMod/
+# Needs torch, triton, scikit-build-core, pybind11, cmake, ninja, pytest, pytest-benchmark, numpy, scipy,
+# matplotlib; not wfdb or pyedflib (the benchmark input is a shipped array; tests needing them skip).
+# CBRAMOD_ORIGINAL=PATH adds the original implementation (a checkout of github.com/wjq-learning/CBraMod,
+# its models/ folder is enough) as variant (a').
 set -u
 
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 cd "$(dirname "$0")/.." || exit 1
 REPO=$(pwd)
-BUDGET=${GPU_SESSION_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 T0=$(date +%s)
 if [ "$DRY" = 1 ]; then
-    OUT=${OUT:-/tmp/gpu_session_dry_out}
+    OUT=${OUT:-/tmp/gpu_check_dry_out}
     PY=${PYTHON:-$REPO/.venv/bin/python}
     export TRITON_INTERPRET=1  # the Triton variants run (untimed) under the interpreter
 else
     PY=${PYTHON:-python3}
 fi
-OUT=${OUT:?set OUT (the device tool does)}
+OUT=${OUT:?set OUT: the folder for the results}
 mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/gpu_session.XXXX)
+WORK=$(mktemp -d /tmp/gpu_check.XXXX)
 RES=$WORK/results
 LOGS=$WORK/logs
 mkdir -p "$RES" "$LOGS"
@@ -92,14 +86,14 @@ INFER_VARIANTS=reference:fp32,reference:bf16,reference:bf16:graph,torch:bf16:gra
 FULL_VARIANTS=reference:bf16:compile,torch:bf16:compile,triton:bf16:compile
 RO_VARIANTS=reference:bf16:compile-ro,triton:bf16:compile-ro
 ORIG=()
-if [ -f device_carry/CBraMod/models/cbramod.py ]; then
-    ORIG=(--original device_carry/CBraMod)
+if [ -n "${CBRAMOD_ORIGINAL:-}" ] && [ -f "$CBRAMOD_ORIGINAL/models/cbramod.py" ]; then
+    ORIG=(--original "$CBRAMOD_ORIGINAL")
     TRAIN_VARIANTS=original:fp32,$TRAIN_VARIANTS INFER_VARIANTS=original:fp32,$INFER_VARIANTS
 fi
 if [ "$DRY" = 1 ]; then
     # The GPU lists must still parse; the CPU run drops the tags (graphs need CUDA, Inductor on 2 shared
     # cores takes minutes per variant; tests/test_bench.py covers the tag plumbing).
-    "$PY" -P -c "import sys; from cbramod_fast.bench import parse_variants as p; [p(a) for a in sys.argv[1:]]" \
+    "$PY" -P -c "import sys; from cbramod_fast.benchmark.config import parse_variants as p; [p(a) for a in sys.argv[1:]]" \
         "$TRAIN_VARIANTS" "$INFER_VARIANTS" "$FULL_VARIANTS" "$RO_VARIANTS" || exit 1
     strip() { echo "$1" | tr ',' '\n' | cut -d: -f1,2 | sort -u | paste -sd, -; }
     TRAIN_VARIANTS=$(strip "$TRAIN_VARIANTS") INFER_VARIANTS=$(strip "$INFER_VARIANTS")
@@ -112,20 +106,16 @@ fi
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
 '| cuda', torch.version.cuda, '| triton', triton.__version__, '| gpu',
 torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
-    "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|scikit-build-core|pybind11|cmake|ninja|pytest|pytest-benchmark|wfdb|numpy|scipy|pandas|matplotlib) '
+    "$PY" -m pip list 2>/dev/null | grep -iE '^(torch|triton|scikit-build-core|pybind11|cmake|ninja|pytest|pytest-benchmark|numpy|scipy|matplotlib) '
     git -C "$REPO" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: (no git metadata in this copy)"
 } 2>&1 | tee "$LOGS/versions.log"
 
 if [ "$DRY" = 1 ]; then
     echo "dry run: skipping the install (the dev venv has the editable install)" | tee "$LOGS/install.log"
 else
-    if compgen -G "device_carry/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            device_carry/*.whl >"$LOGS/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
     stage install 240 "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir .
 fi
-stage import 30 "$PY" -P -c "import cbramod_fast, cbramod_fast._ext, wfdb; from cbramod_fast.kernels import criss_cross; print('ok', cbramod_fast.__file__)"
+stage import 30 "$PY" -P -c "import cbramod_fast, cbramod_fast._ext; from cbramod_fast.kernels import criss_cross; print('ok', cbramod_fast.__file__)"
 
 PYTEST=("$PY" -P -m pytest -q -p no:cacheprovider)
 [ "$DRY" = 1 ] && PYTEST+=(--collect-only)
@@ -159,7 +149,7 @@ stage infer_compile_ro 120 "${BENCH[@]}" --device $DEV $PRESET --mode infer --sh
         [ -f "$md" ] || continue
         echo
         echo "## $(basename "$(dirname "$md")"): $(basename "$md")"
-        # the device header and the issue-5 summary table (the full table is in the file)
+        # the device header and the summary table (the full table is in the file)
         awk '/^- device:/{p=1} /^\| mode \| C×N \| batch \| variant/{exit} p' "$md"
     done
     if [ -f "$LOGS/bench_kernels.log" ]; then
@@ -172,7 +162,7 @@ cp "$SUMMARY" "$OUT/summary.txt"
 for md in "$RES"/*/*.md; do  # at most 8 files come back: summary, archive and up to 5 tables
     [ -f "$md" ] && [ "$(ls "$OUT" | wc -l)" -lt 7 ] && cp "$md" "$OUT/$(basename "$(dirname "$md")").md"
 done
-tar czf "$OUT/gpu_session.tar.gz" -C "$WORK" results logs summary.txt
+tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" results logs summary.txt
 echo
 cat "$SUMMARY"
 echo "files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
