@@ -1,13 +1,13 @@
-"""Render the README's benchmark results from the committed ``bench/results/*.json`` files.
+"""Render the benchmark tables from the committed ``bench/results/*.json`` files.
 
-    python bench/report.py            # rewrite README.md between the bench-results markers
-    python bench/report.py --check    # exit 1 if README.md is not what the result files say
+    python bench/report.py            # rewrite docs/benchmarks.md's tables and the README's headline table
+    python bench/report.py --check    # exit 1 if either is not what the result files say
 
-Run it after committing new result files (bench/results/*.json) and commit README.md with them;
-``tests/test_bench.py`` checks the README against the result files as committed.
+Run it after committing new result files (bench/results/*.json) and commit the two documents with them;
+``tests/test_benchmark.py`` checks them against the result files as committed.
 
-Only ``cbramod-fast bench`` result files (schema ``cbramod-fast-bench/1``) are rendered; the tables are the
-same ``markdown_table`` the CLI prints, so no number in the README is typed by hand.
+Only ``cbramod-fast bench`` result files (schema ``cbramod-fast-bench/1``) are rendered; the full tables
+are the same ``markdown_table`` the CLI prints, so no number in either document is typed by hand.
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cbramod_fast.bench import SCHEMA, device_label, markdown_header, markdown_table, result_stem
+from cbramod_fast.atomic import atomic_text
+from cbramod_fast.benchmark.config import SCHEMA
+from cbramod_fast.benchmark.report import device_label, markdown_header, markdown_table, result_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
-BEGIN, END = "<!-- BEGIN bench-results -->", "<!-- END bench-results -->"
+DOCS = ROOT / "docs" / "benchmarks.md"
+BLOCKS = {  # document -> its generated block's markers
+    "README.md": ("<!-- BEGIN bench-headline -->", "<!-- END bench-headline -->"),
+    "docs/benchmarks.md": ("<!-- BEGIN bench-results -->", "<!-- END bench-results -->"),
+}
 
 
 def _keep(docs: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
     docs = [(p, d) for p, d in docs if isinstance(d, dict) and d.get("schema") == SCHEMA]
+
     # CPU first, then GPUs; the default command's result first, then other shapes, training, the original
     def key(pd: tuple[Path, dict]) -> tuple:
         a = pd[1]["args"]
@@ -45,12 +52,12 @@ def load_results(folder: Path = RESULTS) -> list[tuple[Path, dict]]:
         try:
             docs.append((path, json.loads(path.read_text())))
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"{path}: not valid JSON ({exc})")
+            raise SystemExit(f"{path}: not valid JSON ({exc})") from exc
     return _keep(docs)
 
 
 def load_committed(root: Path = ROOT) -> list[tuple[Path, dict]] | None:
-    """The result files as committed at HEAD (None outside a git checkout): what the README must show,
+    """The result files as committed at HEAD (None outside a git checkout): what the documents must show,
     whatever fresh uncommitted runs left in bench/results."""
     try:
         names = subprocess.run(["git", "ls-files", "bench/results/*.json"], cwd=root, capture_output=True,
@@ -62,49 +69,82 @@ def load_committed(root: Path = ROOT) -> list[tuple[Path, dict]] | None:
     return _keep(docs)
 
 
-def render(docs: list[tuple[Path, dict]], root: Path = ROOT) -> str:
+def _link(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def render(docs: list[tuple[Path, dict]], base: Path = DOCS.parent) -> str:
+    """Every result file: heading, run header, full table and plot; links relative to ``base``."""
     if not docs:
         return "No result files yet: run `cbramod-fast bench` and then `python bench/report.py`."
     parts = []
     for path, doc in docs:
         a = doc["args"]
-        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        rel = _link(path, base)
         shapes = ", ".join(f"{c}×{n}" for c, n in a["shapes"])
         title = (f"#### {device_label(doc['device'])} — {', '.join(a['modes'])} {shapes}, preset `{a['preset']}`"
                  f"{' vs the original' if a.get('original') else ''} "
-                 f"([`{rel}`]({rel}))")
+                 f"([`{path.name}`]({rel}))")
         parts += [title, "", markdown_header(doc), "", markdown_table(doc), ""]
         png = path.with_suffix(".png")
         if png.is_file():
-            prel = png.relative_to(root).as_posix() if png.is_relative_to(root) else png.name
-            parts += [f"![p50 latency vs batch]({prel})", ""]
+            parts += [f"![p50 latency vs batch]({_link(png, base)})", ""]
     return "\n".join(parts).rstrip()
 
 
-def splice(readme: str, body: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{body}\n{END}{tail}"
+def render_headline(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
+    """One row per fast-model result at 19×30 inference: p50 latency and its ratios to the in-repo
+    reference and, where the run timed it, to the original implementation (same dtype, and its fp32)."""
+    lines = [("| device (torch threads) | batch | dtype | p50 ms | × reference | × original | × original fp32 | "
+              "result file |"), "|---|---:|---|---:|---:|---:|---:|---|"]
+    for path, doc in docs:
+        rows = [r for r in doc["results"] if r["mode"] == "infer" and (r["channels"], r["patches"]) == (19, 30)
+                and r["latency_s"]]
+        orig = {(r["batch"], r["dtype"]): r["latency_s"]["p50"] for r in rows if r["model"] == "original"}
+        dev = doc["device"]
+        for r in rows:
+            if r["model"] != "fast":
+                continue
+            p50 = r["latency_s"]["p50"]
+            vs = [orig.get(key) for key in ((r["batch"], r["dtype"]), (r["batch"], "fp32"))]
+            cells = [f"{v / p50:.2f}" if v else "–" for v in vs]
+            lines.append(f"| {device_label(dev)} ({dev['torch_threads']}) | {r['batch']} | {r['dtype']} | "
+                         f"{p50 * 1e3:.1f} | {r['speedup_vs_reference']:.2f} | {cells[0]} | {cells[1]} | "
+                         f"[`{path.stem}`]({_link(path, base)}) |")
+    if len(lines) == 2:
+        return "No 19×30 inference results yet: run `cbramod-fast bench` and then `python bench/report.py`."
+    return "\n".join(lines)
+
+
+def splice(text: str, body: str, begin: str, end: str) -> str:
+    if begin not in text or end not in text:
+        raise SystemExit(f"no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def expected(docs: list[tuple[Path, dict]], root: Path = ROOT) -> dict[Path, str]:
+    """What README.md and docs/benchmarks.md must hold for the result files ``docs``."""
+    bodies = {"README.md": render_headline(docs, root), "docs/benchmarks.md": render(docs, root / "docs")}
+    return {root / name: splice((root / name).read_text(), bodies[name], *BLOCKS[name]) for name in BLOCKS}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if README.md is stale instead of writing it")
+    p.add_argument("--check", action="store_true", help="exit 1 if a document is stale instead of writing it")
     args = p.parse_args(argv)
-    old = README.read_text()
-    new = splice(old, render(load_results()))
+    docs = load_results()
+    stale = [path for path, text in expected(docs).items() if path.read_text() != text]
     if args.check:
-        if new != old:
-            print("README.md benchmark results are stale: run `python bench/report.py`", file=sys.stderr)
-            return 1
-        return 0
-    if new != old:
-        tmp = README.with_name(README.name + ".tmp")
-        tmp.write_text(new)
-        os.replace(tmp, README)
-    print(f"README.md: {len(load_results())} result file(s) rendered")
+        for path in stale:
+            print(f"{path.relative_to(ROOT)}: benchmark tables are stale: run `python bench/report.py`",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in expected(docs).items():
+        if path in stale:
+            atomic_text(path, text)
+    print(f"{len(docs)} result file(s) rendered into {', '.join(BLOCKS)}")
     return 0
 
 
