@@ -230,15 +230,20 @@ def _read_wfdb_fast(hea: Path):
     return head[0], fs, out, [s["name"] for s in sigs], [s["units"] for s in sigs]
 
 
-def read_edf(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Record:
-    """Read the requested channels of an EDF/EDF+/BDF file (physical values) with ``pyedflib``."""
+def _open_edf(path: Path):
+    """A ``pyedflib.EdfReader`` of ``path``; any failure to open it is a :class:`RecordError` naming the file."""
     import pyedflib
 
-    path = Path(path)
     try:
-        f = pyedflib.EdfReader(str(path))
-    except Exception as exc:
+        return pyedflib.EdfReader(str(path))
+    except Exception as exc:  # pyedflib raises OSError and others for broken files; report them uniformly
         raise RecordError(f"{path}: unreadable EDF/BDF file ({type(exc).__name__}: {exc})") from exc
+
+
+def read_edf(path: str | Path, leads: tuple[str, ...] = STANDARD_LEADS) -> Record:
+    """Read the requested channels of an EDF/EDF+/BDF file (physical values) with ``pyedflib``."""
+    path = Path(path)
+    f = _open_edf(path)
     try:
         names = [s.strip() for s in f.getSignalLabels()]
         picked = [p for p in pick_leads(names, leads) if p is not None]
@@ -261,13 +266,8 @@ def read_edf_signals(path: str | Path) -> tuple[np.ndarray, float, list[str]]:
     For EEG + ECG files whose channels are picked by kind afterwards (fusion datasets); signals recorded at
     another rate (annotations, slow sensors) are left out.
     """
-    import pyedflib
-
     path = Path(path)
-    try:
-        f = pyedflib.EdfReader(str(path))
-    except Exception as exc:
-        raise RecordError(f"{path}: unreadable EDF/BDF file ({type(exc).__name__}: {exc})") from exc
+    f = _open_edf(path)
     try:
         fs_all = f.getSampleFrequencies()
         fs = float(np.bincount(fs_all.astype(int)).argmax())

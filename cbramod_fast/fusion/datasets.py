@@ -103,6 +103,13 @@ def load_dreamer(path: str | Path) -> list[Trial]:
 
 # -- eegmat (PhysioNet "EEG During Mental Arithmetic Tasks") ------------------------------------------
 
+def _trial_files(folder: str | Path, pattern: str, what: str) -> list[Path]:
+    files = sorted(Path(folder).glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {what}")
+    return files
+
+
 def eeg_ecg_channels(labels: list[str]) -> tuple[list[int], list[int]]:
     """Indices of the EEG channels (``EEG ...``, without the A2-A1 reference) and the ECG ones (``ECG ...``)."""
     eeg = [i for i, n in enumerate(labels) if n.upper().startswith("EEG") and "A2-A1" not in n.upper()]
@@ -112,12 +119,8 @@ def eeg_ecg_channels(labels: list[str]) -> tuple[list[int], list[int]]:
 def load_eegmat(folder: str | Path) -> list[Trial]:
     """``SubjectXX_1.edf`` (rest, label 0) and ``SubjectXX_2.edf`` (mental arithmetic, label 1):
     19 EEG channels (``EEG ...`` minus the A2-A1 reference channel) and ``ECG ECG``, one trial per file."""
-    folder = Path(folder)
-    files = sorted(folder.glob("Subject*_[12].edf"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no SubjectXX_1.edf / SubjectXX_2.edf files")
     trials = []
-    for path in files:
+    for path in _trial_files(folder, "Subject*_[12].edf", "SubjectXX_1.edf / SubjectXX_2.edf files"):
         x, fs, labels = read_edf_signals(path)
         eeg_idx, ecg_idx = eeg_ecg_channels(labels)
         if not eeg_idx or not ecg_idx:
@@ -132,12 +135,9 @@ def load_eegmat(folder: str | Path) -> list[Trial]:
 # -- generic npz ------------------------------------------------------------------------------------------
 
 def load_npz_dir(folder: str | Path) -> list[Trial]:
-    folder = Path(folder)
-    files = sorted(folder.glob("*.npz"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .npz trial files")
+    """One trial per ``.npz`` file of ``folder`` (the generic format in this module's docstring)."""
     trials = []
-    for path in files:
+    for path in _trial_files(folder, "*.npz", ".npz trial files"):
         try:
             z = np.load(path, allow_pickle=False)
         except Exception as exc:
