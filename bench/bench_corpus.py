@@ -12,29 +12,21 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from cbramod_fast.atomic import atomic_text
+from cbramod_fast.benchmark.device import cpu_model, git_state
 from cbramod_fast.corpus.build import CorpusConfig, build_corpus
 
 RESULTS = Path(__file__).parent / "results"
 DEMO = Path(__file__).resolve().parents[1] / "cbramod_fast" / "data" / "ecg_demo"
 COPIES, WARMUP, REPEATS = 8, 1, 5
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _sources(root: Path) -> list[Path]:
@@ -85,12 +77,10 @@ def test_corpus_build_throughput(benchmark):
         rows["speedup_2_workers_vs_1"] = rows["workers=1"]["median_s"] / rows["workers=2"]["median_s"]
         RESULTS.mkdir(exist_ok=True)
         out = {"what": f"cbramod-fast corpus build of {n_records} real 12-lead 500 Hz 10-s ECG records "
-                       "(CinC 2021) -> float16 shards of (12, 10, 200) windows", "cpu": platform.processor()
-               or platform.machine(), "cores": os.cpu_count(), "commit": _commit(), "warmup": WARMUP,
+                       "(CinC 2021) -> float16 shards of (12, 10, 200) windows", "cpu": cpu_model(),
+               "cores": os.cpu_count(), "commit": (git_state(RESULTS)["commit"] or "unknown")[:7], "warmup": WARMUP,
                "repeats": REPEATS, "results": rows}
-        tmp = RESULTS / "corpus_build_cpu.json.tmp"
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(RESULTS / "corpus_build_cpu.json")
+        atomic_text(RESULTS / "corpus_build_cpu.json", json.dumps(out, indent=1) + "\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

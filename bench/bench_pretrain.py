@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import pytest
 import torch
 
 from cbramod_fast import CBraMod, ReferenceCBraMod
+from cbramod_fast.atomic import atomic_text
+from cbramod_fast.benchmark.device import cpu_model, git_state
 from cbramod_fast.corpus.windows import read_windows
 from cbramod_fast.masking import dual_mask
 from cbramod_fast.model.config import PRESETS
@@ -67,24 +67,6 @@ def _time(step) -> float:
     return time.perf_counter() - t0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 @pytest.mark.parametrize("preset", ["tiny", "small", "base"])
 def test_pretrain_throughput(preset, benchmark):
     x, present = _batch()
@@ -118,11 +100,10 @@ def _record(preset: str, row: dict) -> None:
     data.update({
         "what": "one pretraining step (dual mask 0.5/0.25, forward, masked MSE, backward, clip, AdamW), "
                 f"batch {BATCH} x 12 leads x 10 patches of real ECG; fast CBraMod vs ReferenceCBraMod",
-        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else _cpu_name(),
-        "threads": torch.get_num_threads(), "load_average_1min_at_end": os.getloadavg()[0], "torch": torch.__version__, "commit": _commit(),
+        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else cpu_model(),
+        "threads": torch.get_num_threads(), "load_average_1min_at_end": os.getloadavg()[0], "torch": torch.__version__,
+        "commit": (git_state(RESULTS)["commit"] or "unknown")[:7],
         "warmup": WARMUP, "repeats": REPEATS, "amp": "bf16" if DEVICE.type == "cuda" else "fp32",
     })
     data.setdefault("presets", {})[preset] = row
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_text(path, json.dumps(data, indent=1) + "\n")

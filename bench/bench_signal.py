@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import time
 import tracemalloc
 from pathlib import Path
@@ -33,7 +32,8 @@ import scipy.signal as ss
 
 from cbramod_fast import _ext
 from cbramod_fast import signal as S
-from cbramod_fast.benchmark.device import cpu_model
+from cbramod_fast.atomic import atomic_text
+from cbramod_fast.benchmark.device import cpu_model, git_state
 from cbramod_fast.readers import read_edf_signals, read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +41,6 @@ RESULTS = ROOT / "bench" / "results"
 DEMO = ROOT / "cbramod_fast" / "data" / "ecg_demo"
 EEGMAT = ROOT.parent / "shared" / "data" / "eeg_ecg_eegmat"
 BAND, NOTCH, FS_OUT, SCALE, PATCH = (0.5, 45.0), 50.0, 200, 0.01, 200
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def load_ecg(copies: int = 8) -> np.ndarray:
@@ -182,7 +174,7 @@ def run_signal_benchmark(warmup: int = 1, repeats: int = 7, copies: int = 8) -> 
         "cpu": cpu_model(), "cores": os.cpu_count(),
         "load_avg_at_start": list(os.getloadavg()),
         "note": "compare ratios within this file: absolute times depend on the load (load averages here)",
-        "commit": _commit(), "versions": {"numpy": np.__version__, "scipy": scipy.__version__},
+        "commit": (git_state(ROOT)["commit"] or "unknown")[:7], "versions": {"numpy": np.__version__, "scipy": scipy.__version__},
         "simd_path": _ext.simd_path(), "default_threads": _ext.default_threads(),
         "warmup": warmup, "repeats": repeats,
         "workloads": {"ecg_12lead_500hz_10s": bench_workload(
@@ -201,9 +193,7 @@ def run_signal_benchmark(warmup: int = 1, repeats: int = 7, copies: int = 8) -> 
 def write_signal_results(path: Path = RESULTS / "signal_cpu.json", **kw) -> dict:
     doc = run_signal_benchmark(**kw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_text(path, json.dumps(doc, indent=1) + "\n")
     return doc
 
 

@@ -59,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[PretrainConfig, dict]:
         cfg_file = Path(explicit["out"]) / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"--resume: {cfg_file} does not exist")
-        # --stop-at ends one session of a run; a resumed session runs to --steps unless given again.
+        # --stop-at ends one part of a run; the resumed part runs to --steps unless it is given again.
         base = replace(PretrainConfig(**json.loads(cfg_file.read_text())), stop_at=None)
     else:
         base = PretrainConfig()
