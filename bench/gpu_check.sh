@@ -92,7 +92,7 @@ if [ -n "${CBRAMOD_ORIGINAL:-}" ] && [ -f "$CBRAMOD_ORIGINAL/models/cbramod.py" 
 fi
 if [ "$DRY" = 1 ]; then
     # The GPU lists must still parse; the CPU run drops the tags (graphs need CUDA, Inductor on 2 shared
-    # cores takes minutes per variant; tests/test_bench.py covers the tag plumbing).
+    # cores takes minutes per variant; tests/test_benchmark.py covers the tag plumbing).
     "$PY" -P -c "import sys; from cbramod_fast.benchmark.config import parse_variants as p; [p(a) for a in sys.argv[1:]]" \
         "$TRAIN_VARIANTS" "$INFER_VARIANTS" "$FULL_VARIANTS" "$RO_VARIANTS" || exit 1
     strip() { echo "$1" | tr ',' '\n' | cut -d: -f1,2 | sort -u | paste -sd, -; }
