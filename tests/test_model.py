@@ -228,3 +228,51 @@ def test_native_bf16_model_runs_close_to_fp32():
         out = fast.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
     assert out.shape == gold.shape and torch.isfinite(out).all()
     assert ((out - gold).norm() / gold.norm()).item() <= 5e-2
+
+
+INIT_FIXTURES = {"layers2": DATA / "init_seed11_layers2.pt", "layers12": SHARED / "fixtures" / "init_seed11.pt"}
+
+
+@pytest.mark.parametrize("build", ["constructor", "from_config", "triton", "torch", "cpu_path"])
+@pytest.mark.parametrize("fixture", ["layers2", pytest.param("layers12", marks=pytest.mark.shared)])
+def test_same_seed_builds_the_original_model(fixture, build):
+    """Drop-in down to the seed: under the same seed, construction gives the original's tensors and leaves the
+    random number generator where the original leaves it (what is built next is initialised the same)."""
+    from cbramod_fast import CBraModConfig
+
+    ref = torch.load(INIT_FIXTURES[fixture])
+    torch.manual_seed(ref["seed"])
+    if build == "constructor":
+        model = CBraMod(n_layer=ref["n_layer"])
+    elif build == "from_config":
+        model = CBraMod.from_config(CBraModConfig(n_layer=ref["n_layer"]))
+    elif build == "cpu_path":
+        model = CBraMod(n_layer=ref["n_layer"], cpu_path="blas")
+    else:
+        model = CBraMod(n_layer=ref["n_layer"], backend=build)
+    rand_after = torch.rand(8)
+    sd = model.state_dict()
+    assert list(sd) == list(ref["state_dict"])
+    differ = [k for k, v in ref["state_dict"].items() if not torch.equal(sd[k], v)]
+    assert not differ, f"{len(differ)} tensors differ from the original's, e.g. {differ[:3]}"
+    assert torch.equal(rand_after, ref["rand_after"]), "the RNG is not left where the original leaves it"
+
+
+def test_reference_model_and_presets_initialise_like_the_original_constructor():
+    ref = torch.load(INIT_FIXTURES["layers2"])
+    torch.manual_seed(ref["seed"])
+    model = ReferenceCBraMod(n_layer=2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref["state_dict"].items())
+    assert torch.equal(torch.rand(8), ref["rand_after"])
+    from cbramod_fast import PRESETS
+
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(5)
+    a = CBraMod.from_config("tiny")
+    torch.manual_seed(5)
+    b = CBraMod(n_layer=cfg.n_layer, dim_feedforward=cfg.dim_feedforward)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    # the original's recipe: kaiming-normal (fan_out, relu) Linear weights, layers cloned from one
+    w = a.encoder.layers[0].linear2.weight
+    assert abs(w.std().item() - (2 / w.shape[0]) ** 0.5) < 0.1 * (2 / w.shape[0]) ** 0.5
+    assert torch.equal(a.encoder.layers[0].self_attn_s.in_proj_weight, a.encoder.layers[1].self_attn_s.in_proj_weight)

@@ -11,8 +11,17 @@ from torch import nn
 from ..kernels import resolve_backend
 from .checkpoint import LoadReport, infer_config, read_state_dict, split_head
 from .config import PRESETS, CBraModConfig
+from .cpu_path import PATHS
 from .embedding import PatchEmbedding
 from .encoder import Encoder
+
+
+def original_linear_init(m: nn.Module) -> None:
+    """The original's re-initialisation of every ``nn.Linear`` weight after construction (applied with
+    ``Module.apply``, i.e. in the same module order): a seeded model equals the original's tensor for tensor
+    and leaves the random number generator where the original leaves it."""
+    if isinstance(m, nn.Linear):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
 class CBraMod(nn.Module):
@@ -22,11 +31,14 @@ class CBraMod(nn.Module):
     ``encode(x, mask)`` returns the encoder features ``(B, C, N, d_model)`` (before ``proj_out``), which
     is what fine-tuning uses. ``mask`` (B, C, N) marks patches replaced by ``mask_encoding`` (1 = masked).
     ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
+    ``cpu_path``: how CPU inference runs (``cpu_path.py``): ``"auto"`` (the implementation of each step
+    measured fastest on this CPU; ``CBRAMOD_FAST_CPU_PATH`` may force one), ``"onednn"``, ``"blas"`` or
+    ``"plain"``; ``model.cpu_path`` tells what the last CPU inference call ran.
     """
 
     def __init__(self, in_dim: int = 200, out_dim: int = 200, d_model: int = 200, dim_feedforward: int = 800,
                  seq_len: int = 30, n_layer: int = 12, nhead: int = 8, backend: str = "auto",
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, cpu_path: str = "auto"):
         super().__init__()
         self.config = CBraModConfig(in_dim=in_dim, out_dim=out_dim, d_model=d_model,
                                     dim_feedforward=dim_feedforward, seq_len=seq_len, n_layer=n_layer,
@@ -36,14 +48,27 @@ class CBraMod(nn.Module):
         self.patch_embedding = PatchEmbedding(self.config)
         self.encoder = Encoder(self.config)
         self.proj_out = nn.Sequential(nn.Linear(d_model, out_dim))
+        self.apply(original_linear_init)
+        self.set_cpu_path(cpu_path)
+
+    def set_cpu_path(self, mode: str) -> None:
+        """Force the CPU inference path: ``"auto"``, ``"onednn"``, ``"blas"`` or ``"plain"``."""
+        if mode not in PATHS:
+            raise ValueError(f"unknown cpu_path {mode!r}; expected one of {PATHS}")
+        self.encoder.cpu_path = mode
+
+    @property
+    def cpu_path(self) -> str | None:
+        """What the last CPU inference call ran (precision and each step's implementation), or None."""
+        return self.encoder.last_cpu_path
 
     @classmethod
-    def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto") -> "CBraMod":
+    def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto", cpu_path: str = "auto") -> "CBraMod":
         if isinstance(cfg, str):
             if cfg not in PRESETS:
                 raise ValueError(f"unknown preset {cfg!r}; expected one of {sorted(PRESETS)}")
             cfg = PRESETS[cfg]
-        return cls(**cfg.to_dict(), backend=backend)
+        return cls(**cfg.to_dict(), backend=backend, cpu_path=cpu_path)
 
     # -- input checks -------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -86,7 +111,7 @@ class CBraMod(nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, strict: bool = True, backend: str = "auto",
-                        **overrides) -> "CBraMod":
+                        cpu_path: str = "auto", **overrides) -> "CBraMod":
         """Load an original or braindecode checkpoint (file or Hugging Face-style folder).
 
         Hyperparameters are inferred from the tensors; ``overrides`` win. With ``strict`` (default) any
@@ -95,7 +120,7 @@ class CBraMod(nn.Module):
         """
         sd, head = split_head(read_state_dict(path))
         cfg = infer_config(sd, path).with_(**overrides)
-        model = cls(**cfg.to_dict(), backend=backend)
+        model = cls(**cfg.to_dict(), backend=backend, cpu_path=cpu_path)
         model.load_report = model.load_checkpoint_state(sd, source=str(path), strict=strict)
         model.load_report.head_keys = sorted(head)
         return model

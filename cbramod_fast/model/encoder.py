@@ -2,44 +2,24 @@
 
 Per layer: LayerNorm -> ONE batched GEMM producing q|k|v of both attention halves -> criss-cross
 attention on strided views (no transpose/contiguous round trips) -> ONE batched GEMM for both output
-projections -> residual; then the feed-forward block.
+projections -> residual; then the feed-forward block. This is the path of training, autograd,
+``torch.compile`` and CUDA/Triton (Inductor fuses its elementwise work by itself).
 
-CPU inference (eval, no autograd, eager) takes ``_forward_onednn`` instead: the same math through
-oneDNN's fused linear ops (linear+GELU, linear+bias+residual) and the residual add folded into the
-output projections' GEMM accumulation, which removes most elementwise passes. Everything else (training,
-autograd, torch.compile, CUDA/Triton) uses the plain-op path, which Inductor fuses by itself.
+CPU inference (eval, no autograd, eager) goes through ``cpu_path.py`` instead: the same math with each
+step on the implementation measured fastest on this CPU (see there).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import criss_cross_attention
+from . import cpu_path
 from .config import CBraModConfig
-
-try:  # private oneDNN ops (the ones Inductor's CPU freezing passes use); absent -> plain-op path only
-    _linear_pointwise = torch.ops.mkldnn._linear_pointwise
-    _reorder_linear_weight = torch.ops.mkldnn._reorder_linear_weight
-except (AttributeError, RuntimeError):
-    _linear_pointwise = _reorder_linear_weight = None
-
-
-def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
-    """Compute dtype for the oneDNN inference path, or None when the plain-op path must run.
-
-    bf16 autocast is honoured by hand (the mkldnn ops are not autocast-aware): GEMMs in bf16, the
-    residual stream kept in x's dtype as autocast would.
-    """
-    if (x.device.type != "cpu" or _linear_pointwise is None or torch.compiler.is_compiling()
-            or not torch.backends.mkldnn.is_available()):
-        return None
-    if torch.is_autocast_enabled("cpu"):
-        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
-    if x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype:
-        return x.dtype
-    return None
 
 
 class AttentionParams(nn.Module):
@@ -68,13 +48,6 @@ class CrissCrossLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-5)
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        # Any tensor that needs a gradient (input or any parameter, e.g. partial fine-tuning) -> plain ops.
-        no_autograd = not torch.is_grad_enabled() or not (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not self.training and no_autograd:
-            dtype = _onednn_dtype(x, self.linear1.weight)
-            if dtype is not None:
-                return self._forward_onednn(x, dtype, backend)
         b, c, n, d = x.shape
         half = d // 2
         s, t = self.self_attn_s, self.self_attn_t
@@ -93,64 +66,9 @@ class CrissCrossLayer(nn.Module):
         h = F.dropout(F.gelu(self.linear1(h)), self.p, self.training)
         return x + F.dropout(self.linear2(h), self.p, self.training)
 
-    def _forward_onednn(self, x: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
-        """Eval-mode forward without autograd on CPU (no dropout); same math as ``forward``."""
-        x = x.contiguous()  # the residual stream is used as a flat (T, d) matrix
-        b, c, n, d = x.shape
-        half = d // 2
-        w = self._weights(dtype)
-        h = F.layer_norm(x, (d,), self.norm1.weight, self.norm1.bias, self.norm1.eps).view(-1, d)
-        # The spatial half is projected in (B, N, C) row order (one copy of its 100-wide input instead of
-        # three of its 300-wide q|k|v): the spatial attention batches are then views (kernels/reference.py).
-        h_s = x.new_empty((b, n, c, half), dtype=dtype).copy_(h[:, :half].view(b, c, n, half).transpose(1, 2))
-        qkv_s = _linear_pointwise(h_s.view(-1, half), w["in_s"], w["in_s_b"], "none", [], "")
-        qkv_t = _linear_pointwise(h[:, half:].to(dtype), w["in_t"], w["in_t_b"], "none", [], "")
-        a = criss_cross_attention(qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1), self.heads,
-                                  backend=backend).reshape(-1, d)
-        if a.dtype == x.dtype:
-            # x + out_proj(a): the bias add makes the new residual tensor, the GEMMs accumulate into it.
-            x = (x + w["out_b"]).view(-1, d)
-            x[:, :half].addmm_(a[:, :half], w["out_s"].t())
-            x[:, half:].addmm_(a[:, half:], w["out_t"].t())
-        else:  # bf16 autocast over an fp32 stream: bf16 GEMMs, fp32 residual add (as autocast does)
-            o = torch.cat((_linear_pointwise(a[:, :half], w["out_s_packed"], w["out_s_b"], "none", [], ""),
-                           _linear_pointwise(a[:, half:], w["out_t_packed"], w["out_t_b"], "none", [], "")), -1)
-            x = x.view(-1, d) + o
-        h = F.layer_norm(x, (d,), self.norm2.weight, self.norm2.bias, self.norm2.eps).to(dtype)
-        h = _linear_pointwise(h, w["l1"], w["l1_b"], "gelu", [], "none")  # GELU (erf) fused into the GEMM
-        if x.dtype == dtype:  # bias and residual fused into the GEMM
-            x = _linear_pointwise.binary(h, x, w["l2"], w["l2_b"], "add")
-        else:
-            x = x + _linear_pointwise(h, w["l2"], w["l2_b"], "none", [], "")
-        return x.view(b, c, n, d)
-
-    def _weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Inference weights in ``dtype``, cached; rebuilt when a parameter changes (version counter).
-
-        The oneDNN GEMM weights are stored pre-packed (oneDNN's blocked layout, e.g. VNNI pairs for
-        bf16), which saves a weight reorder in every call.
-        """
-        s, t = self.self_attn_s, self.self_attn_t
-        params = {"in_s": s.in_proj_weight, "in_s_b": s.in_proj_bias, "in_t": t.in_proj_weight,
-                  "in_t_b": t.in_proj_bias, "out_s": s.out_proj.weight, "out_s_b": s.out_proj.bias,
-                  "out_t": t.out_proj.weight, "out_t_b": t.out_proj.bias, "l1": self.linear1.weight,
-                  "l1_b": self.linear1.bias, "l2": self.linear2.weight, "l2_b": self.linear2.bias}
-        key = tuple((p.data_ptr(), p._version) for p in params.values())
-        # One entry per dtype, so alternating fp32 and bf16 calls do not repack every time. A plain
-        # attribute: not a buffer, never in the state dict, dropped when pickling (__getstate__).
-        caches = self.__dict__.setdefault("_weight_cache", {})
-        if dtype not in caches or caches[dtype][0] != key:
-            w = {k: p.detach().to(dtype) for k, p in params.items()}
-            w["out_b"] = torch.cat((w["out_s_b"], w["out_t_b"]))
-            for k in ("in_s", "in_t", "l1", "l2"):
-                w[k] = _reorder_linear_weight(w[k], None)
-            for k in ("out_s", "out_t"):  # plain for addmm_, packed for the bf16-autocast linear
-                w[k + "_packed"] = _reorder_linear_weight(w[k], None)
-            caches[dtype] = (key, w)
-        return caches[dtype][1]
-
     def __getstate__(self):
-        # Packed oneDNN tensors cannot be pickled or deep-copied; the cache is rebuilt on demand.
+        # The CPU path's weight cache (packed oneDNN tensors) cannot be pickled or deep-copied; it is rebuilt
+        # on demand.
         state = super().__getstate__().copy()
         state.pop("_weight_cache", None)
         return state
@@ -159,9 +77,28 @@ class CrissCrossLayer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: CBraModConfig):
         super().__init__()
-        self.layers = nn.ModuleList([CrissCrossLayer(cfg) for _ in range(cfg.n_layer)])
+        # One layer built, the others deep copies of it, as the original builds its encoder: the random
+        # number stream is consumed exactly as there (the copies are re-initialised in CBraMod.__init__).
+        layer = CrissCrossLayer(cfg)
+        self.layers = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(cfg.n_layer - 1)])
+        self.cpu_path = "auto"  # forcing setting of the CPU inference path (cpu_path.PATHS)
+        self.last_cpu_path: str | None = None  # what the last CPU inference call ran
+
+    def _cpu_inference(self, x: torch.Tensor) -> bool:
+        # Any tensor that needs a gradient (input or any parameter, e.g. partial fine-tuning) -> plain ops.
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return x.device.type == "cpu" and not self.training and not torch.compiler.is_compiling() and not needs_grad
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        cpu = self._cpu_inference(x)
+        plan = cpu_path.plan_for(self.layers, x, self.cpu_path) if cpu else None
+        if cpu:
+            self.last_cpu_path = plan.describe() if plan else f"plain ({x.dtype}, {self.cpu_path})"
+        if plan is None:
+            for layer in self.layers:
+                x = layer(x, backend)
+            return x
+        ws = cpu_path.Workspace()
         for layer in self.layers:
-            x = layer(x, backend)
+            x = cpu_path.run_layer(layer, x, plan.precision, plan.choose, ws)
         return x

@@ -1,4 +1,5 @@
-"""A faithful, straightforward CBraMod written from ../shared/notes/cbramod.md.
+"""A faithful, straightforward CBraMod, checked against outputs of the original implementation
+(``tests/data`` fixtures) like the fast model.
 
 It mirrors the original's structure on purpose (two ``nn.MultiheadAttention`` per layer, transposes,
 ``.contiguous()`` copies, boolean-index masking) and is the in-repo reference that tests and benchmarks
@@ -7,9 +8,13 @@ compare the fast model against. It is not used by anything in the hot path.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cbramod import original_linear_init
 
 
 class ReferencePatchEmbedding(nn.Module):
@@ -87,7 +92,8 @@ class ReferenceCrissCrossLayer(nn.Module):
 class ReferenceEncoder(nn.Module):
     def __init__(self, n_layer, **kw):
         super().__init__()
-        self.layers = nn.ModuleList([ReferenceCrissCrossLayer(**kw) for _ in range(n_layer)])
+        layer = ReferenceCrissCrossLayer(**kw)  # one layer and deep copies, as the original builds it
+        self.layers = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(n_layer - 1)])
 
     def forward(self, x):
         for layer in self.layers:
@@ -104,6 +110,7 @@ class ReferenceCBraMod(nn.Module):
         self.patch_embedding = ReferencePatchEmbedding(in_dim, d_model)
         self.encoder = ReferenceEncoder(n_layer, d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward)
         self.proj_out = nn.Sequential(nn.Linear(d_model, out_dim))
+        self.apply(original_linear_init)
 
     def encode(self, x, mask=None):
         return self.encoder(self.patch_embedding(x, mask))
