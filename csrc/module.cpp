@@ -8,12 +8,14 @@ void register_patchify(py::module_& m);
 void register_filter(py::module_& m);
 void register_resample(py::module_& m);
 void register_preprocess(py::module_& m);
+void register_attention(py::module_& m);
 }  // namespace cbf
 
 PYBIND11_MODULE(_ext, m) {
-  m.doc() = "cbramod_fast native signal kernels (filtering, resampling, patching); GIL released";
+  m.doc() = "cbramod_fast native kernels (filtering, resampling, patching; CPU criss-cross attention); GIL released";
   cbf::register_patchify(m);
   cbf::register_filter(m);
   cbf::register_resample(m);
   cbf::register_preprocess(m);
+  cbf::register_attention(m);
 }

@@ -1,0 +1,73 @@
+"""Fused criss-cross attention for CPU inference (float32), through the C++ extension (``csrc/attention.cpp``).
+
+Same contract as ``reference.criss_cross_attention`` (see there): ``qkv_s`` / ``qkv_t`` are ``(B, C, N, 3*D)``
+views with unit stride on the last dim, the result is ``(B, C, N, 2*D)`` = ``[spatial | temporal]``. One
+C++ pass per sequence handles all heads: q, k and v are read in place (no permute copies), scores and softmax
+stay in registers and L1, and the result is written straight into ``out`` (any (B, C, N, 2*D) view with unit
+last stride, e.g. a reused workspace). No autograd: this is the inference path's kernel; training and
+``torch.compile`` use the PyTorch twin.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _ext
+except ImportError:  # a source tree without the built extension
+    _ext = None
+
+
+def available() -> bool:
+    return _ext is not None and hasattr(_ext, "attention_f32")
+
+
+def simd_path() -> str | None:
+    """Which build of the kernel runs: ``'avx2+fma'`` or ``'baseline'`` (``CBRAMOD_FAST_SIMD=baseline``)."""
+    return _ext.attention_simd_path() if available() else None
+
+
+def _check(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if t.dim() != 4 or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a 4-D view with unit stride on the last dim, got shape "
+                         f"{tuple(t.shape)} strides {t.stride()}")
+
+
+def criss_cross_attention_cpu(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Spatial (across C) and temporal (across N) attention of all heads in one native call (no autograd)."""
+    if not available():
+        raise RuntimeError("the C++ extension cbramod_fast._ext is not built: reinstall the package")
+    _check("qkv_s", qkv_s)
+    _check("qkv_t", qkv_t)
+    if qkv_s.shape[:3] != qkv_t.shape[:3] or qkv_s.shape[-1] != qkv_t.shape[-1] or qkv_s.shape[-1] % (3 * heads):
+        raise ValueError(f"qkv_s {tuple(qkv_s.shape)} and qkv_t {tuple(qkv_t.shape)} must both be (B, C, N, 3*D) "
+                         f"with D divisible by heads={heads}")
+    if torch.is_grad_enabled() and (qkv_s.requires_grad or qkv_t.requires_grad):
+        raise RuntimeError("criss_cross_attention_cpu has no backward: use kernels.criss_cross_attention")
+    b, c, n, three_d = qkv_s.shape
+    d = three_d // 3
+    if out is None:
+        out = qkv_s.new_empty((b, c, n, 2 * d))
+    else:
+        _check("out", out)
+        if tuple(out.shape) != (b, c, n, 2 * d):
+            raise ValueError(f"out must be {(b, c, n, 2 * d)}, got {tuple(out.shape)}")
+    sb, sc, sn, _ = qkv_s.stride()
+    tb, tc, tn, _ = qkv_t.stride()
+    ob, oc, on, _ = out.stride()
+    ptr = out.data_ptr()
+    spatial = (qkv_s.data_ptr(), b, n, sb, sn, sc, ptr, ob, on, oc, c)  # sequences (b, n) of C rows
+    temporal = (qkv_t.data_ptr(), b, c, tb, tc, tn, ptr + 4 * d, ob, oc, on, n)  # sequences (b, c) of N rows
+    _ext.attention_f32([spatial, temporal], heads, d // heads, torch.get_num_threads())
+    return out
+
+
+def round_bf16_(x: torch.Tensor) -> torch.Tensor:
+    """Round a contiguous float32 CPU tensor to the nearest bfloat16 values in place (ties to even)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"round_bf16_ needs a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
+    _ext.round_bf16_f32(x.data_ptr(), x.numel(), torch.get_num_threads())
+    return x

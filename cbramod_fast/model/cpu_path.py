@@ -1,0 +1,376 @@
+"""The encoder's CPU inference path (eval mode, no autograd): each step of a layer through the fastest
+implementation this CPU has, chosen by measurement and cached, as ``torch.backends.cudnn.benchmark`` does.
+
+Why measure: the same math runs at very different speeds on different CPUs. oneDNN's pre-packed GEMMs
+with fused epilogues win on AVX-512 machines; on AVX2-only ones MKL's GEMM plus a separate GELU is faster
+than oneDNN's fused GELU, and oneDNN's bf16 GEMMs need AVX512-BF16 / AMX / AVX-NE-CONVERT (they raise
+elsewhere). Every candidate below computes the same function; the plan picks per step.
+
+Steps and candidates (``Plan`` fields):
+  qkv   both in-projections          onednn (pre-packed weights) | blas (``torch.addmm`` into a reused buffer)
+  attn  criss-cross attention        cpp (``kernels/cpu_attention.py``, float32) | torch (``kernels/reference.py``)
+  ffn1  linear1 + GELU               onednn+gelu (fused post-op) | onednn,gelu | blas,gelu
+  ffn2  linear2 + bias + residual    onednn+add (fused) | blas (``addmm_`` into the residual)
+The output projections (+ residual) always accumulate into the new residual with ``addmm_``.
+
+bf16 (autocast, or a model in bfloat16) runs either ``bf16-native`` (oneDNN bf16 GEMMs, where the CPU
+supports them) or ``bf16-emulated``: float32 GEMMs on operands rounded to bfloat16 (weights once, the
+activations that feed a GEMM each call). The products of two bf16 values are exact in float32, so this is a
+bf16 GEMM with float32 accumulation, as oneDNN's; other steps stay in float32 (the stream of a bf16 model
+is rounded back to bfloat16 after every layer).
+
+Forcing (tests, users): ``CBraMod(cpu_path=...)`` or ``CBRAMOD_FAST_CPU_PATH`` = ``auto`` (measure) |
+``onednn`` | ``blas`` (all GEMM steps through that library) | ``plain`` (the training path's plain PyTorch
+ops, no plan). ``CBRAMOD_FAST_CPU_ATTENTION`` = ``auto`` | ``cpp`` | ``torch`` and
+``CBRAMOD_FAST_CPU_BF16`` = ``auto`` | ``native`` | ``emulated`` force the other two choices. A forced
+choice this CPU cannot run raises ``RuntimeError`` naming what is missing. ``model.cpu_path`` tells what
+the last CPU inference call ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import cpu_attention, reference
+
+PATHS = ("auto", "onednn", "blas", "plain")
+ATTENTION = ("auto", "cpp", "torch")
+BF16 = ("auto", "native", "emulated")
+TUNE_TOKENS = 4096  # plans for bigger batches are measured on a slice of about this many tokens
+
+try:  # private oneDNN ops (the ones Inductor's CPU freezing passes use); absent -> the blas steps only
+    _linear_pointwise = torch.ops.mkldnn._linear_pointwise
+    _reorder_linear_weight = torch.ops.mkldnn._reorder_linear_weight
+except (AttributeError, RuntimeError):
+    _linear_pointwise = _reorder_linear_weight = None
+
+
+# -- what this CPU can run --------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def onednn_available() -> bool:
+    return _linear_pointwise is not None and torch.backends.mkldnn.is_available()
+
+
+@lru_cache(maxsize=None)
+def onednn_bf16_available() -> bool:
+    """oneDNN's bf16 GEMMs need AVX512 (BW/VL/DQ), AVX512-BF16, AMX or AVX-NE-CONVERT; asked of oneDNN."""
+    if not onednn_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def capabilities() -> dict:
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_available(),
+            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu_attention.available(),
+            "cpp_attention_simd": cpu_attention.simd_path()}
+
+
+def _setting(env: str, value: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(env, "auto") if value == "auto" else value
+    if value not in allowed:
+        raise ValueError(f"{env}: unknown value {value!r}; expected one of {allowed}")
+    return value
+
+
+# -- weights in the layout each step wants, cached per layer ------------------------------------------------
+def _params(layer) -> dict[str, torch.Tensor]:
+    s, t = layer.self_attn_s, layer.self_attn_t
+    return {"in_s": s.in_proj_weight, "in_s_b": s.in_proj_bias, "in_t": t.in_proj_weight,
+            "in_t_b": t.in_proj_bias, "out_s": s.out_proj.weight, "out_s_b": s.out_proj.bias,
+            "out_t": t.out_proj.weight, "out_t_b": t.out_proj.bias, "l1": layer.linear1.weight,
+            "l1_b": layer.linear1.bias, "l2": layer.linear2.weight, "l2_b": layer.linear2.bias,
+            "n1w": layer.norm1.weight, "n1b": layer.norm1.bias, "n2w": layer.norm2.weight, "n2b": layer.norm2.bias}
+
+
+_GEMMS = ("in_s", "in_t", "out_s", "out_t", "l1", "l2")
+
+
+class _Weights:
+    """One layer's inference weights for one kind: ``fp32``, ``bf16`` (native bf16 GEMMs) or
+    ``bf16-rounded`` (float32 holding bf16 values). GEMM weights also come transposed (what ``addmm``
+    takes) and, where oneDNN runs, pre-packed in its blocked layout (saves a reorder in every call)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], kind: str):
+        self.dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+        self._norms = {k: params.pop(k).detach() for k in ("n1w", "n1b", "n2w", "n2b")}
+        self._norm_cast: dict[torch.dtype, dict[str, torch.Tensor]] = {}
+        w = {k: p.detach().to(torch.bfloat16 if kind != "fp32" else torch.float32).to(self.dtype)
+             for k, p in params.items()}
+        w["out_b"] = torch.cat((w["out_s_b"], w["out_t_b"]))
+        for k in _GEMMS:
+            w[k + "_t"] = w[k].t()
+        if onednn_available() and (kind != "bf16" or onednn_bf16_available()):
+            for k in _GEMMS:
+                w[k + "_p"] = _reorder_linear_weight(w[k], None)
+        self.__dict__.update(w)
+
+    def norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._norm_cast:
+            self._norm_cast[dtype] = {k: p.to(dtype) for k, p in self._norms.items()}
+        return self._norm_cast[dtype][name]
+
+
+def weights(layer, kind: str) -> _Weights:
+    """Cached per layer and kind; rebuilt when any parameter changes (storage or version counter). A plain
+    attribute, not a buffer: never in the state dict, dropped when pickling (``CrissCrossLayer``)."""
+    params = _params(layer)
+    key = tuple((p.data_ptr(), p._version) for p in params.values())
+    cache = layer.__dict__.setdefault("_weight_cache", {})
+    if kind not in cache or cache[kind][0] != key:
+        cache[kind] = (key, _Weights(params, kind))
+    return cache[kind][1]
+
+
+# -- reusable buffers of one encoder call --------------------------------------------------------------------
+class Workspace:
+    """Buffers reused by every layer of one call: fresh large tensors in every layer cost page faults."""
+
+    def __init__(self):
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self.bufs[name] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """A buffer for the next residual stream that does not hold ``x`` (two, used in turn)."""
+        name = "res" if "res" not in self.bufs or self.bufs["res"].data_ptr() != x.data_ptr() else "res2"
+        return self.get(name, tuple(x.shape), x.dtype)
+
+
+def _round_bf16_(t: torch.Tensor) -> torch.Tensor:
+    if cpu_attention.available() and t.is_contiguous():
+        return cpu_attention.round_bf16_(t)
+    return t.copy_(t.to(torch.bfloat16))
+
+
+def _lp(x, w, b, attr="none"):
+    return _linear_pointwise(x, w, b, attr, [], "none" if attr == "gelu" else "")
+
+
+# -- the steps ------------------------------------------------------------------------------------------------
+def _qkv(kind, h_s, h_t, w, ws):
+    if kind == "onednn":
+        return _lp(h_s, w.in_s_p, w.in_s_b), _lp(h_t, w.in_t_p, w.in_t_b)
+    t = h_s.shape[0]
+    return (torch.addmm(w.in_s_b, h_s, w.in_s_t, out=ws.get("qkv_s", (t, w.in_s.shape[0]), h_s.dtype)),
+            torch.addmm(w.in_t_b, h_t, w.in_t_t, out=ws.get("qkv_t", (t, w.in_t.shape[0]), h_s.dtype)))
+
+
+def _attn(kind, qkv_s, qkv_t, heads, ws):
+    b, c, n, three = qkv_s.shape
+    if kind == "cpp":
+        out = ws.get("attn", (b, c, n, 2 * three // 3), qkv_s.dtype)
+        return cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, heads, out=out)
+    return reference.criss_cross_attention(qkv_s, qkv_t, heads)
+
+
+def _ffn1(kind, h, w, ws):
+    if kind == "onednn+gelu":
+        return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
+    if kind == "onednn,gelu":
+        return torch._C._nn.gelu_(_lp(h, w.l1_p, w.l1_b))
+    f = torch.addmm(w.l1_b, h, w.l1_t, out=ws.get("ffn", (h.shape[0], w.l1.shape[0]), h.dtype))
+    return torch._C._nn.gelu_(f)
+
+
+def _ffn2(kind, f, x, w):
+    """x + f @ l2^T + bias; ``blas`` updates ``x`` in place (always a buffer of this call)."""
+    if kind == "onednn+add":
+        return _linear_pointwise.binary(f, x, w.l2_p, w.l2_b, "add")
+    if kind == "onednn":  # bf16 GEMM output added to a float32 stream (autocast)
+        return x + _lp(f, w.l2_p, w.l2_b)
+    return x.addmm_(f, w.l2_t).add_(w.l2_b)
+
+
+_KIND = {"fp32": "fp32", "bf16-native": "bf16", "bf16-emulated": "bf16-rounded"}
+
+
+def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> torch.Tensor:
+    """One criss-cross layer (the math of ``CrissCrossLayer.forward`` in eval mode); ``x``: (B, C, N, d).
+
+    ``choose(step, fn)`` returns ``fn(candidate)`` for the candidate the plan names (``Plan.choose``), or
+    times every candidate first (tuning).
+    """
+    w = weights(layer, _KIND[precision])
+    emulate = precision == "bf16-emulated"
+    stream = x.dtype
+    x = (x.float() if emulate else x).contiguous()
+    b, c, n, d = x.shape
+    half, tok = d // 2, b * c * n
+    cd = w.dtype  # the GEMMs' dtype
+    h = F.layer_norm(x, (d,), w.norm("n1w", x.dtype), w.norm("n1b", x.dtype), layer.norm1.eps).view(tok, d)
+    if emulate:
+        _round_bf16_(h)
+    # The spatial half is projected in (B, N, C) row order: its attention sequences are then contiguous.
+    h_s = ws.get("h_s", (b, n, c, half), cd).copy_(h[:, :half].view(b, c, n, half).transpose(1, 2))
+    h_t = h[:, half:].to(cd)
+    qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, h_s.view(tok, half), h_t, w, ws))
+    qkv_s, qkv_t = qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1)
+    a = choose("attn", lambda k: _attn(k, qkv_s, qkv_t, layer.heads, ws)).reshape(tok, d)
+    if emulate:
+        a = _round_bf16_(a.contiguous())
+    if a.dtype == x.dtype:
+        # x + out_proj(a): the bias add makes the new residual, the two GEMMs accumulate into it.
+        x = torch.add(x.view(tok, d), w.out_b, out=ws.residual(x.view(tok, d)))
+        x[:, :half].addmm_(a[:, :half], w.out_s_t)
+        x[:, half:].addmm_(a[:, half:], w.out_t_t)
+    else:  # bf16 GEMMs over a float32 stream (autocast): bf16 outputs added in float32, as autocast does
+        o = torch.cat((_lp(a[:, :half], w.out_s_p, w.out_s_b), _lp(a[:, half:], w.out_t_p, w.out_t_b)), -1)
+        x = x.view(tok, d) + o
+    h = F.layer_norm(x, (d,), w.norm("n2w", x.dtype), w.norm("n2b", x.dtype), layer.norm2.eps).to(cd)
+    if emulate:
+        _round_bf16_(h)
+    f = choose("ffn1", lambda k: _ffn1(k, h, w, ws))
+    if emulate:
+        _round_bf16_(f)
+    x = choose("ffn2", lambda k, copy=False: _ffn2(k, f, x.clone() if copy else x, w)).view(b, c, n, d)
+    if emulate and stream == torch.bfloat16:
+        return x.to(stream)  # a bf16 model's stream is bf16 between layers
+    return x
+
+
+# -- choosing a plan -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    precision: str  # "fp32" | "bf16-native" | "bf16-emulated"
+    qkv: str
+    attn: str
+    ffn1: str
+    ffn2: str
+    measured: bool  # chosen by timing (False: forced, or one candidate per step)
+
+    def choose(self, step: str, fn):
+        return fn(getattr(self, step))
+
+    def describe(self) -> str:
+        how = "measured" if self.measured else "fixed"
+        return (f"{self.precision} qkv={self.qkv} attn={self.attn} ffn1={self.ffn1} ffn2={self.ffn2} ({how}; "
+                f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})")
+
+
+def requested_precision(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """The precision an inference call asks for, or None when only the plain path serves it (fp16, fp64...)."""
+    if torch.is_autocast_enabled("cpu"):
+        ok = torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+        return "bf16" if ok else None
+    if x.dtype == weight.dtype == torch.float32:
+        return "fp32"
+    if x.dtype == weight.dtype == torch.bfloat16:
+        return "bf16"
+    return None
+
+
+def candidates(precision: str, stream_fp32: bool, path: str, attention: str) -> dict[str, list[str]]:
+    """Candidates of each step for one precision, after the forcing settings; raises if one is left empty."""
+    native = precision == "bf16-native"
+    onednn = onednn_available() and (not native or onednn_bf16_available())
+    blas = not native  # the blas steps compute in float32
+    same = not native or not stream_fp32  # residual stream in the GEMMs' dtype -> fused residual add
+    c = {"qkv": ["onednn"] * onednn + ["blas"] * blas,
+         "attn": ["cpp"] * (not native and cpu_attention.available()) + ["torch"],
+         "ffn1": ["onednn+gelu", "onednn,gelu"] * onednn + ["blas,gelu"] * blas,
+         "ffn2": ([("onednn+add" if same else "onednn")] if onednn else []) + ["blas"] * (blas and same)}
+    if path in ("onednn", "blas"):
+        for step in ("qkv", "ffn1", "ffn2"):
+            c[step] = [k for k in c[step] if k.startswith(path)]
+    if attention != "auto":
+        c["attn"] = [k for k in c["attn"] if k == attention]
+    for step, opts in c.items():
+        if not opts:
+            raise RuntimeError(f"CPU path {precision}: no way to run step {step!r} with path={path!r}, "
+                               f"attention={attention!r} on this CPU ({capabilities()})")
+    return c
+
+
+_PLANS: dict[tuple, Plan] = {}
+
+
+def _time(fn, reps: int = 3) -> float:
+    fn()  # warm-up: weight packing, first-touch of buffers
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
+    """The plan for inference on ``x`` (B, C, N, d) with these layers, or None for the plain path."""
+    path = _setting("CBRAMOD_FAST_CPU_PATH", path, PATHS)
+    attention = _setting("CBRAMOD_FAST_CPU_ATTENTION", "auto", ATTENTION)
+    bf16 = _setting("CBRAMOD_FAST_CPU_BF16", "auto", BF16)
+    layer = layers[0]
+    req = requested_precision(x, layer.linear1.weight)
+    if path == "plain" or req is None:
+        return None
+    if req == "fp32":
+        precisions = ["fp32"]
+    else:
+        precisions = ["bf16-native"] * onednn_bf16_available() + ["bf16-emulated"]
+        if bf16 != "auto":
+            precisions = [p for p in precisions if p == f"bf16-{bf16}"]
+            if not precisions:
+                raise RuntimeError(f"CBRAMOD_FAST_CPU_BF16=native: this CPU has no oneDNN bf16 GEMMs "
+                                   f"({capabilities()})")
+        if path == "blas":  # float32 GEMMs only
+            precisions = [p for p in precisions if p != "bf16-native"]
+    b, c, n, d = x.shape
+    per_sample = c * n
+    cap = max(1, TUNE_TOKENS // per_sample)
+    bucket = min(1 << (b - 1).bit_length(), 1 << (cap - 1).bit_length())
+    stream_fp32 = x.dtype == torch.float32
+    key = (c, n, bucket, x.dtype, req, torch.get_num_threads(), d, layer.linear1.weight.shape[0], layer.heads,
+           path, attention, bf16)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    options = {p: candidates(p, stream_fp32, path, attention) for p in precisions}
+    if len(precisions) == 1 and all(len(v) == 1 for v in options[precisions[0]].values()):
+        plan = Plan(precisions[0], **{k: v[0] for k, v in options[precisions[0]].items()}, measured=False)
+    else:
+        plan = _measure(layer, x[:min(b, bucket)], options)
+    _PLANS[key] = plan
+    return plan
+
+
+def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]]) -> Plan:
+    """Time every candidate of every step on one layer (min of 3 after a warm-up), per precision; then the
+    whole layer with each precision's winners, and keep the fastest."""
+    best: tuple[float, Plan] | None = None
+    for precision, opts in options.items():
+        chosen: dict[str, str] = {}
+
+        def tune(step, fn, opts=opts, chosen=chosen):
+            if len(opts[step]) > 1:
+                # ffn2's blas candidate updates the residual in place: time every ffn2 candidate on a copy
+                args = (True,) if step == "ffn2" else ()
+                times = {k: _time(lambda k=k: fn(k, *args)) for k in opts[step]}
+                chosen[step] = min(times, key=times.get)
+            else:
+                chosen[step] = opts[step][0]
+            return fn(chosen[step])
+
+        ws = Workspace()
+        run_layer(layer, x, precision, lambda step, fn: fn(opts[step][0]), ws)  # warm-up
+        run_layer(layer, x, precision, tune, ws)
+        plan = Plan(precision, measured=True, **chosen)
+        t = _time(lambda: run_layer(layer, x, precision, plan.choose, ws))
+        if best is None or t < best[0]:
+            best = (t, plan)
+    return best[1]

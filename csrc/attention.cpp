@@ -1,0 +1,106 @@
+// Criss-cross attention for CPU inference and bf16 rounding, on raw float32 buffers owned by torch tensors.
+// The Python side (cbramod_fast/kernels/cpu_attention.py) checks dtypes, devices and shapes and passes data
+// pointers and element strides; nothing here allocates tensors or keeps a pointer after returning.
+#include <cmath>
+#include <limits>
+
+#include "attention.hpp"
+#include "common.hpp"
+
+namespace cbf {
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+namespace base {
+#include "attention_kernels.inc"
+}  // namespace base
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CBF_HAVE_AVX2_ATTENTION 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "attention_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+// Same switch as the signal kernels (dsp.hpp): AVX2+FMA when the CPU has it, unless CBRAMOD_FAST_SIMD=baseline.
+bool attention_avx2() {
+#ifdef CBF_HAVE_AVX2_ATTENTION
+  static const bool ok = [] {
+    const char* env = std::getenv("CBRAMOD_FAST_SIMD");
+    if (env && std::string(env) == "baseline") return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void run(const AttentionHalf* halves, int n, int heads, int head_dim, int threads) {
+#ifdef CBF_HAVE_AVX2_ATTENTION
+  if (attention_avx2()) return avx2::attend_halves(halves, n, heads, head_dim, threads);
+#endif
+  base::attend_halves(halves, n, heads, head_dim, threads);
+}
+
+AttentionHalf half_from(const py::tuple& t) {
+  if (t.size() != 11) throw std::invalid_argument("attention half: expected 11 values");
+  auto i = [&](int k) { return t[k].cast<int64_t>(); };
+  AttentionHalf h;
+  h.qkv = reinterpret_cast<const float*>(t[0].cast<uintptr_t>());
+  h.n_a = i(1);
+  h.n_b = i(2);
+  h.in_a = i(3);
+  h.in_b = i(4);
+  h.in_row = i(5);
+  h.out = reinterpret_cast<float*>(t[6].cast<uintptr_t>());
+  h.out_a = i(7);
+  h.out_b = i(8);
+  h.out_row = i(9);
+  h.len = i(10);
+  if (h.n_a < 0 || h.n_b < 0 || h.len < 1) throw std::invalid_argument("attention half: bad sizes");
+  return h;
+}
+
+}  // namespace
+
+void register_attention(py::module_& m) {
+  m.def(
+      "attention_f32",
+      [](const py::list& halves, int heads, int head_dim, int threads) {
+        std::vector<AttentionHalf> hs;
+        for (const auto& h : halves) hs.push_back(half_from(h.cast<py::tuple>()));
+        if (heads < 1 || head_dim < 1 || head_dim > 256)
+          throw std::invalid_argument("attention: need heads >= 1 and 1 <= head_dim <= 256");
+        py::gil_scoped_release release;
+        run(hs.data(), static_cast<int>(hs.size()), heads, head_dim, threads);
+      },
+      py::arg("halves"), py::arg("heads"), py::arg("head_dim"), py::arg("threads") = 1,
+      "Softmax attention over float32 sequences given as (qkv_ptr, n_a, n_b, in_a, in_b, in_row, out_ptr, "
+      "out_a, out_b, out_row, len) tuples (element strides); all halves share heads and head_dim");
+  m.def(
+      "round_bf16_f32",
+      [](uintptr_t ptr, int64_t n, int threads) {
+        float* x = reinterpret_cast<float*>(ptr);
+        py::gil_scoped_release release;
+        parallel_for((n + 4095) / 4096, threads, [&](int64_t b, int64_t e) {
+          const int64_t lo = b * 4096, hi = std::min(n, e * 4096);
+#ifdef CBF_HAVE_AVX2_ATTENTION
+          if (attention_avx2()) return avx2::round_bf16(x + lo, hi - lo);
+#endif
+          base::round_bf16(x + lo, hi - lo);
+        });
+      },
+      py::arg("ptr"), py::arg("n"), py::arg("threads") = 1,
+      "Round n contiguous float32 values to the nearest bfloat16 (ties to even), in place");
+  m.def("attention_simd_path", [] { return std::string(attention_avx2() ? "avx2+fma" : "baseline"); });
+}
+
+}  // namespace cbf

@@ -1,0 +1,22 @@
+// Fused criss-cross attention for CPU inference (float32): one pass per sequence, all heads, q/k/v read in
+// place from the projection output, scores and softmax in registers and a few KB of L1 scratch, the result
+// written straight into the (token, [spatial | temporal]) matrix the output projection reads.
+#pragma once
+
+#include <cstdint>
+
+namespace cbf {
+
+// One attention half over a 2-level batch of sequences: sequence (a, b) starts at
+// qkv + a*in_a + b*in_b, its rows are in_row apart, each row is [q | k | v] with `heads` heads of `head_dim`
+// values (head-major, as nn.MultiheadAttention orders in_proj rows). Row i of the result goes to
+// out + a*out_a + b*out_b + i*out_row (heads * head_dim values).
+struct AttentionHalf {
+  const float* qkv;
+  int64_t n_a, n_b, in_a, in_b, in_row;
+  float* out;
+  int64_t out_a, out_b, out_row;
+  int64_t len;  // sequence length
+};
+
+}  // namespace cbf

@@ -1,0 +1,135 @@
+"""The C++ criss-cross attention (CPU inference) and bf16 rounding against PyTorch references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cbramod_fast.kernels import cpu_attention, reference
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the C++ extension is not built")
+
+
+def _inputs(b, c, n, d, spatial_bnc=True, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    if spatial_bnc:  # the inference path's layout: spatial rows in (B, N, C) order, viewed as (B, C, N)
+        qkv_s = (torch.randn(b, n, c, 3 * d, generator=g) * scale).transpose(1, 2)
+    else:
+        qkv_s = torch.randn(b, c, n, 3 * d, generator=g) * scale
+    qkv_t = torch.randn(b, c, n, 3 * d, generator=g) * scale
+    return qkv_s, qkv_t
+
+
+def _check(qkv_s, qkv_t, heads, got):
+    """2x-PyTorch rule: the kernel's error against a float64 reference is at most twice that of the
+    PyTorch float32 twin (plus a floor of 1e-6 of the output's scale)."""
+    gold = reference.criss_cross_attention_naive(qkv_s.double(), qkv_t.double(), heads)
+    torch_err = (reference.criss_cross_attention(qkv_s, qkv_t, heads).double() - gold).abs().max().item()
+    err = (got.double() - gold).abs()
+    worst = err.max().item()
+    idx = tuple(int(i) for i in torch.nonzero(err == err.max())[0])
+    floor = 1e-6 * gold.abs().max().item()
+    assert worst <= 2 * torch_err + floor, f"max err {worst:.2e} at {idx} > 2 x torch's {torch_err:.2e}"
+
+
+@pytest.mark.parametrize("c", [1, 2, 12, 14, 19, 22, 64])
+@pytest.mark.parametrize("n", [1, 4, 10, 30])
+def test_matches_reference_on_usual_shapes(c, n):
+    qkv_s, qkv_t = _inputs(2, c, n, 100)
+    _check(qkv_s, qkv_t, 4, cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4))
+
+
+@pytest.mark.parametrize("heads, d", [(1, 8), (2, 50), (5, 100), (3, 9), (4, 64), (1, 200)])
+def test_other_head_sizes(heads, d):
+    qkv_s, qkv_t = _inputs(3, 5, 9, d, seed=1)
+    _check(qkv_s, qkv_t, heads, cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, heads))
+
+
+def test_long_sequences_and_large_scores():
+    qkv_s, qkv_t = _inputs(1, 65, 70, 100, seed=2, scale=6.0)  # peaked softmax, lengths past 64
+    _check(qkv_s, qkv_t, 4, cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4))
+
+
+def test_strided_views_and_out_buffer():
+    g = torch.Generator().manual_seed(3)
+    both = torch.randn(2, 6, 7, 700, generator=g)  # q|k|v of both halves side by side, plus padding
+    qkv_s, qkv_t = both[..., :300], both[..., 350:650]
+    big = torch.full((2, 6, 7, 260), float("nan"))
+    out = big[..., 30:230]
+    got = cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    _check(qkv_s, qkv_t, 4, got)
+    assert torch.isnan(big[..., :30]).all() and torch.isnan(big[..., 230:]).all(), "wrote outside out"
+    a, b = _inputs(2, 6, 7, 100, spatial_bnc=False)
+    _check(a, b, 4, cpu_attention.criss_cross_attention_cpu(a, b, 4))
+
+
+def test_nan_stays_in_its_sequences():
+    qkv_s, qkv_t = _inputs(2, 3, 4, 100)
+    qkv_t = qkv_t.clone()
+    qkv_t[1, 2, 0, 0] = float("nan")  # a query of temporal sequence (b=1, c=2)
+    got = cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4)
+    assert torch.isnan(got[1, 2, 0, 100:125]).all()
+    nan = torch.isnan(got)
+    nan[1, 2, 0, 100:125] = False
+    assert not nan.any(), "a NaN leaked into other sequences or heads"
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (lambda s, t: (s.double(), t.double(), 4), "float32 CPU tensor"),
+        (lambda s, t: (s[..., :150], t, 4), "must both be"),
+        (lambda s, t: (s, t, 7), "divisible by heads"),
+        (lambda s, t: (s.transpose(-1, -2), t, 4), "unit stride"),
+        (lambda s, t: (s[0], t[0], 4), "4-D"),
+    ],
+)
+def test_bad_input(args, match):
+    qkv_s, qkv_t = _inputs(1, 3, 3, 100)
+    with pytest.raises(ValueError, match=match):
+        cpu_attention.criss_cross_attention_cpu(*args(qkv_s, qkv_t))
+
+
+def test_bad_out_and_autograd():
+    qkv_s, qkv_t = _inputs(1, 3, 3, 100)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4, out=torch.empty(1, 3, 3, 100))
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu_attention.criss_cross_attention_cpu(qkv_s.requires_grad_(), qkv_t, 4)
+
+
+def test_round_bf16_matches_torch():
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat((torch.randn(10_000, generator=g) * 1e3, torch.randn(1000, generator=g) * 1e-39,
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 3.4e38, -3.4e38, 1e-45])))
+    # exact ties between two bf16 values (round to even)
+    ties = (torch.arange(1, 200, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
+    x = torch.cat((x, ties, -ties))
+    got = cpu_attention.round_bf16_(x.clone())
+    assert torch.equal(got, x.bfloat16().float())
+    nan = cpu_attention.round_bf16_(torch.tensor([float("nan"), 1.0]))
+    assert torch.isnan(nan[0]) and nan[1] == 1.0
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_attention.round_bf16_(torch.randn(4, 4).t())
+
+
+def test_baseline_build_matches():
+    """The portable build (what runs on CPUs without AVX2/FMA) gives the same results, in a fresh process
+    because the SIMD choice is made once."""
+    code = ("import torch; from cbramod_fast.kernels import cpu_attention as k, reference as r;"
+            "assert k.simd_path() == 'baseline', k.simd_path();"
+            "g = torch.Generator().manual_seed(0);"
+            "s = torch.randn(2, 9, 5, 300, generator=g); t = torch.randn(2, 9, 5, 300, generator=g);"
+            "gold = r.criss_cross_attention_naive(s.double(), t.double(), 4);"
+            "err = (k.criss_cross_attention_cpu(s, t, 4).double() - gold).abs().max().item();"
+            "ref = (r.criss_cross_attention(s, t, 4).double() - gold).abs().max().item();"
+            "assert err <= 2 * ref + 1e-6, (err, ref); print('ok')")
+    env = dict(os.environ, CBRAMOD_FAST_SIMD="baseline")
+    # outside the checkout: `python -c` puts the cwd on sys.path, and the source tree has no built _ext
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
