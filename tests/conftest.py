@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Deterministic cuBLAS (tests that call torch.use_deterministic_algorithms) needs this set before the first
+# cuBLAS handle is created; importing torch creates none.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 if not torch.cuda.is_available():
     # Triton reads TRITON_INTERPRET when @triton.jit runs, for triton.language's own helpers (tl.max, tl.rand)
     # as well as ours, i.e. when triton is first imported. Any test module (or torch.compile) may import it
