@@ -1,5 +1,6 @@
 """Kernel benchmarks: Triton criss-cross attention vs PyTorch on the same layout, forward and
-forward+backward, and the fused dual-masking kernel vs the PyTorch rule.
+forward+backward, the fused dual-masking kernel vs the PyTorch rule, and the masked-MSE loss kernels vs
+their PyTorch twin.
 
     pytest bench/bench_kernels.py --benchmark-only        # CUDA only: timing the interpreter means nothing
     pytest bench/bench_kernels.py --benchmark-only --benchmark-json=bench/results/kernels_<gpu>.json
@@ -76,4 +77,26 @@ def test_dual_mask(benchmark, impl):
         m = dual_mask_reference(256, 12, 10, 0.5, 0.25, generator=gen)
         return torch.where(m[..., None], enc, x), m
 
+    benchmark.pedantic(_sync(step), rounds=30, warmup_rounds=3)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_masked_mse(benchmark, impl):
+    from cbramod_fast.masking import masked_mse
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    # bf16 prediction, fp32 target: what pretraining under bf16 autocast feeds the loss
+    pred = torch.randn(256, 12, 10, 200, device="cuda", generator=gen).bfloat16().requires_grad_(True)
+    target = torch.randn(256, 12, 10, 200, device="cuda", generator=gen)
+    mask = torch.rand(256, 12, 10, device="cuda", generator=gen) < 0.5
+    present = torch.rand(256, 12, device="cuda", generator=gen) < 0.9
+    benchmark.group = "masked MSE fwd+bwd, B=256 12x10"
+
+    def step():
+        loss = masked_mse(pred, target, mask, present, backend=impl)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        step()
     benchmark.pedantic(_sync(step), rounds=30, warmup_rounds=3)

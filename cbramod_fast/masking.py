@@ -1,7 +1,8 @@
-"""Dual masking for ECG pretraining: whole leads (inter-lead) plus random patches (intra-lead).
+"""Dual masking for ECG pretraining: whole leads (inter-lead) plus random patches (intra-lead), and the
+masked-patch reconstruction loss (``masked_mse``).
 
-The rule, shared with the Triton kernel in ``cbramod_fast.kernels.masking_kernel`` (same distribution,
-not the same random stream):
+The rule, shared by the PyTorch twin (``dual_mask_reference``, in ``kernels/reference.py``) and the Triton
+kernel in ``cbramod_fast.kernels.masking_kernel`` (same distribution, not the same random stream):
 
 1. For each sample, every *present* lead ``c`` draws ``u_c ~ U(0, 1)`` and is masked whole when
    ``u_c < lead_ratio``. If that would mask every present lead of the sample, the present lead with the
@@ -15,60 +16,26 @@ not the same random stream):
 3. Absent leads (``present[b, c]`` False) are never masked: they are not reconstruction targets.
 
 Everything is tensor ops (no boolean indexing, no ``.item()``), so it traces under ``torch.compile``.
+This module is the public face: it dispatches to the twin or the kernel, whose argument checks are shared.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["dual_mask", "dual_mask_reference", "expected_lead_masked", "expected_mask_ratio"]
+from .kernels import BACKENDS, reference, triton_available
+from .kernels.reference import dual_mask as dual_mask_reference
+
+__all__ = ["dual_mask", "dual_mask_reference", "expected_lead_masked", "expected_mask_ratio", "masked_mse"]
 
 
-def _check(batch: int, channels: int, patches: int, patch_ratio: float, lead_ratio: float,
-           span: int | None) -> None:
-    for name, v in (("batch", batch), ("channels", channels), ("patches", patches)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"dual_mask: {name} must be a positive integer, got {v!r}")
-    for name, v in (("patch_ratio", patch_ratio), ("lead_ratio", lead_ratio)):
-        if not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"dual_mask: {name} must be in [0, 1], got {v!r}")
-    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
-        raise ValueError(f"dual_mask: span must be None or a positive integer, got {span!r}")
-
-
-def dual_mask_reference(batch: int, channels: int, patches: int, patch_ratio: float, lead_ratio: float,
-                        generator: torch.Generator | None = None, present: torch.Tensor | None = None,
-                        span: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-    """PyTorch implementation of the rule in the module docstring; returns a (B, C, N) bool mask."""
-    _check(batch, channels, patches, patch_ratio, lead_ratio, span)
-    if generator is not None:
-        device = generator.device
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if present is None:
-        present = torch.ones(batch, channels, dtype=torch.bool, device=device)
-    else:
-        if tuple(present.shape) != (batch, channels):
-            raise ValueError(f"dual_mask: present must be (B, C) = {(batch, channels)}, got {tuple(present.shape)}")
-        present = present.to(device=device, dtype=torch.bool)
-
-    # 1. inter-lead: whole leads, with the all-masked rescue of the present lead with the largest u.
-    u = torch.rand(batch, channels, generator=generator, device=device)
-    lead = (u < lead_ratio) & present
-    all_masked = (lead == present).all(dim=1) & present.any(dim=1)  # every present lead drew u < ratio
-    keep = torch.where(present, u, torch.full_like(u, -1.0)).argmax(dim=1)  # present lead with largest u
-    rescue = torch.nn.functional.one_hot(keep, channels).bool() & all_masked[:, None]
-    lead = lead & ~rescue
-
-    # 2. intra-lead: patches (or spans of patches) of the remaining present leads.
-    if span is None or span == 1:
-        patch = torch.rand(batch, channels, patches, generator=generator, device=device) < patch_ratio
-    else:
-        phase = torch.randint(0, span, (batch, channels, 1), generator=generator, device=device)
-        block = (torch.arange(patches, device=device) + phase) // span  # (B, C, N)
-        n_blocks = (patches + span - 1) // span + 1
-        block_on = torch.rand(batch, channels, n_blocks, generator=generator, device=device) < patch_ratio
-        patch = torch.gather(block_on, 2, block)
-    return (lead[:, :, None] | patch) & present[:, :, None]
+def _use_triton(backend: str, device: torch.device) -> bool:
+    """``auto``: the Triton kernel on CUDA when it is importable; ``triton`` / ``torch`` force one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return device.type == "cuda" and triton_available()
+    return backend == "triton"
 
 
 def dual_mask(batch: int, channels: int, patches: int, patch_ratio: float, lead_ratio: float,
@@ -77,24 +44,37 @@ def dual_mask(batch: int, channels: int, patches: int, patch_ratio: float, lead_
               backend: str = "auto") -> torch.Tensor:
     """Dual mask ``(B, C, N)`` bool (True = masked); see the module docstring for the exact rule.
 
-    ``backend``: ``"auto"`` uses the fused Triton kernel on CUDA when it is importable and the PyTorch
-    implementation elsewhere; ``"torch"`` / ``"triton"`` force one. ``generator`` (optional) seeds the
-    draw and fixes the device.
+    ``backend``: ``"auto"`` uses the fused Triton kernel on CUDA (the device of ``generator``, else
+    ``device``) when it is importable and the PyTorch implementation (``dual_mask_reference``) elsewhere;
+    ``"torch"`` / ``"triton"`` force one. ``generator`` (optional) seeds the draw. The PyTorch path returns
+    the mask on the generator's device, else ``device``, else the CPU; the Triton kernel runs on
+    ``device``, else a CUDA generator's or ``present``'s device, else the current CUDA device.
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"dual_mask: unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
     dev = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
-    if backend == "triton" or (backend == "auto" and dev.type == "cuda"):
-        try:
-            from .kernels import masking_kernel
-        except ImportError:
-            if backend == "triton":
-                raise
-        else:
-            return masking_kernel.dual_mask(batch, channels, patches, patch_ratio, lead_ratio,
-                                            generator=generator, present=present, span=span, device=dev)
+    if _use_triton(backend, dev):
+        from .kernels import masking_kernel
+
+        return masking_kernel.dual_mask(batch, channels, patches, patch_ratio, lead_ratio, generator=generator,
+                                        present=present, span=span, device=device)
     return dual_mask_reference(batch, channels, patches, patch_ratio, lead_ratio, generator=generator,
                                present=present, span=span, device=dev)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None,
+               loss_on: str = "masked", backend: str = "auto") -> torch.Tensor:
+    """Pretraining loss, differentiable: the per-patch mean squared error of ``pred`` against ``target``
+    (``(B, C, N, P)``, computed in fp32) averaged over the masked patches (``mask`` ``(B, C, N)``) of present
+    leads (``present`` ``(B, C)``, default all); ``loss_on="all"`` averages over every patch of a present
+    lead. 0 when no patch counts. Returns an fp32 scalar, without a host sync.
+
+    ``backend``: ``"auto"`` runs the fused Triton kernels (one pass forward, one backward) for CUDA tensors
+    and the PyTorch twin (``kernels.reference.masked_mse``) elsewhere; the two agree to fp32 rounding.
+    """
+    if _use_triton(backend, pred.device):
+        from .kernels import masking_kernel
+
+        return masking_kernel.masked_mse(pred, target, mask, present, loss_on)
+    return reference.masked_mse(pred, target, mask, present, loss_on)
 
 
 def expected_lead_masked(n_present: int, lead_ratio: float) -> float:

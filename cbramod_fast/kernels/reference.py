@@ -10,6 +10,9 @@ Layout contract shared with the Triton kernels (``criss_cross.py``):
 * Both may be strided views (unit stride on the last dim), e.g. slices of one ``(B, C, N, 6 * D/2)``
   tensor or of a ``(2, B, C, N, 3 * D/2)`` batched-GEMM output.
 * Result: ``(B, C, N, Ds + Dt)`` = ``[spatial | temporal]``, before the output projections.
+
+Also here: the dual mask (the rule is specified in ``cbramod_fast.masking``) and the masked-patch MSE of
+pretraining, twins of ``masking_kernel.py``.
 """
 
 from __future__ import annotations
@@ -67,6 +70,17 @@ def criss_cross_attention(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int, 
     return torch.cat((os_, ot), dim=-1)
 
 
+def criss_cross_attention_packed(qkv: torch.Tensor, heads: int, dropout_p: float = 0.0,
+                                 training: bool = False) -> torch.Tensor:
+    """``criss_cross_attention(qkv[0], qkv[1], ...)`` for a ``(2, B, C, N, 3*D)`` tensor. ``unbind``'s
+    backward stacks the two gradients into one buffer; two ``qkv[i]`` selects would each zero-fill a
+    ``(2, ...)`` buffer and add them."""
+    if qkv.dim() != 5 or qkv.shape[0] != 2:
+        raise ValueError(f"qkv must be (2, B, C, N, 3*D), got shape {tuple(qkv.shape)}")
+    qkv_s, qkv_t = qkv.unbind(0)
+    return criss_cross_attention(qkv_s, qkv_t, heads, dropout_p, training)
+
+
 def criss_cross_attention_naive(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: int) -> torch.Tensor:
     """Explicit softmax(QK^T/sqrt(E))V in float32 (no dropout): the plainest statement of the contract."""
     def attend(q, k, v):  # (..., L, E)
@@ -102,3 +116,89 @@ def criss_cross_attention_sdpa(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: 
     os_ = os_.view(b, n, heads, c, -1).permute(0, 3, 1, 2, 4).flatten(-2)
     ot = ot.view(b, c, heads, n, -1).permute(0, 1, 3, 2, 4).flatten(-2)
     return torch.cat((os_, ot), dim=-1)
+
+
+# -- dual masking and the pretraining loss ---------------------------------------------------------------
+
+def check_dual_mask_args(batch: int, channels: int, patches: int, patch_ratio: float, lead_ratio: float,
+                         span: int | None) -> None:
+    for name, v in (("batch", batch), ("channels", channels), ("patches", patches)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"dual_mask: {name} must be a positive integer, got {v!r}")
+    for name, v in (("patch_ratio", patch_ratio), ("lead_ratio", lead_ratio)):
+        if not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"dual_mask: {name} must be in [0, 1], got {v!r}")
+    if span is not None and (isinstance(span, bool) or not isinstance(span, int) or span < 1):
+        raise ValueError(f"dual_mask: span must be None or a positive integer, got {span!r}")
+
+
+def check_present(present: torch.Tensor, batch: int, channels: int, what: str = "dual_mask") -> None:
+    if tuple(present.shape) != (batch, channels):
+        raise ValueError(f"{what}: present must be (B, C) = {(batch, channels)}, got {tuple(present.shape)}")
+
+
+def dual_mask(batch: int, channels: int, patches: int, patch_ratio: float, lead_ratio: float,
+              generator: torch.Generator | None = None, present: torch.Tensor | None = None,
+              span: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """The rule in ``cbramod_fast.masking``'s docstring in PyTorch; returns a (B, C, N) bool mask on the
+    generator's device, else ``device``, else the CPU."""
+    check_dual_mask_args(batch, channels, patches, patch_ratio, lead_ratio, span)
+    if generator is not None:
+        device = generator.device
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if present is None:
+        present = torch.ones(batch, channels, dtype=torch.bool, device=device)
+    else:
+        check_present(present, batch, channels)
+        present = present.to(device=device, dtype=torch.bool)
+
+    # 1. inter-lead: whole leads, with the all-masked rescue of the present lead with the largest u.
+    u = torch.rand(batch, channels, generator=generator, device=device)
+    lead = (u < lead_ratio) & present
+    all_masked = (lead == present).all(dim=1) & present.any(dim=1)  # every present lead drew u < ratio
+    keep = torch.where(present, u, torch.full_like(u, -1.0)).argmax(dim=1)  # present lead with largest u
+    rescue = F.one_hot(keep, channels).bool() & all_masked[:, None]
+    lead = lead & ~rescue
+
+    # 2. intra-lead: patches (or spans of patches) of the remaining present leads.
+    if span is None or span == 1:
+        patch = torch.rand(batch, channels, patches, generator=generator, device=device) < patch_ratio
+    else:
+        phase = torch.randint(0, span, (batch, channels, 1), generator=generator, device=device)
+        block = (torch.arange(patches, device=device) + phase) // span  # (B, C, N)
+        n_blocks = (patches + span - 1) // span + 1
+        block_on = torch.rand(batch, channels, n_blocks, generator=generator, device=device) < patch_ratio
+        patch = torch.gather(block_on, 2, block)
+    return (lead[:, :, None] | patch) & present[:, :, None]
+
+
+LOSS_ON = ("masked", "all")
+
+
+def loss_weights(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None,
+                 loss_on: str) -> torch.Tensor:
+    """Check the masked-MSE arguments; the (B, C, N) bool weight: masked (or all) patches of present leads."""
+    if pred.dim() != 4 or pred.shape != target.shape or tuple(mask.shape) != tuple(pred.shape[:3]):
+        raise ValueError(f"masked_mse: pred/target must be (B, C, N, P) and mask (B, C, N); got "
+                         f"{tuple(pred.shape)}, {tuple(target.shape)}, {tuple(mask.shape)}")
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"masked_mse: loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise ValueError(f"masked_mse: mask must be bool (or 0/1 integers), got {mask.dtype}")
+    b, c = mask.shape[:2]
+    if present is None:
+        present = torch.ones(b, c, dtype=torch.bool, device=mask.device)
+    check_present(present, b, c, "masked_mse")
+    present = present.to(device=mask.device, dtype=torch.bool)[:, :, None]
+    w = (mask != 0) if loss_on == "masked" else present.expand_as(mask)
+    return w & present
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, present: torch.Tensor | None = None,
+               loss_on: str = "masked") -> torch.Tensor:
+    """Pretraining loss: the per-patch MSE (over P, in fp32) averaged over the masked patches of present
+    leads (``loss_on="all"``: over every patch of a present lead); 0 when there are none. fp32 scalar."""
+    w = loss_weights(pred, target, mask, present, loss_on)
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, C, N)
+    w = w.to(err.dtype)
+    return (err * w).sum() / w.sum().clamp_min(1.0)
