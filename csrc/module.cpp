@@ -8,7 +8,7 @@ void register_patchify(py::module_& m);
 void register_filter(py::module_& m);
 void register_resample(py::module_& m);
 void register_preprocess(py::module_& m);
-void register_attention(py::module_& m);
+void register_encoder_cpu(py::module_& m);
 }  // namespace cbf
 
 PYBIND11_MODULE(_ext, m) {
@@ -17,5 +17,5 @@ PYBIND11_MODULE(_ext, m) {
   cbf::register_filter(m);
   cbf::register_resample(m);
   cbf::register_preprocess(m);
-  cbf::register_attention(m);
+  cbf::register_encoder_cpu(m);
 }

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cbramod_fast import CBraMod, ReferenceCBraMod
-from cbramod_fast.kernels import cpu_attention
+from cbramod_fast.kernels import cpu
 from cbramod_fast.model import cpu_path
 
 from conftest import DATA, SHARED
@@ -32,7 +32,7 @@ def _missing(path: str, attention: str, precision: str = "fp32") -> str | None:
             return f"no oneDNN bf16 GEMMs on this CPU ({torch.backends.cpu.get_cpu_capability()})"
         if path == "blas" or attention == "cpp":
             return "native bf16 runs oneDNN GEMMs and the PyTorch attention only"
-    if attention == "cpp" and not cpu_attention.available():
+    if attention == "cpp" and not cpu.available():
         return "the C++ extension is not built"
     return None
 

@@ -8,7 +8,7 @@ elsewhere). Every candidate below computes the same function; the plan picks per
 
 Steps and candidates (``Plan`` fields):
   qkv   both in-projections          onednn (pre-packed weights) | blas (``torch.addmm`` into a reused buffer)
-  attn  criss-cross attention        cpp (``kernels/cpu_attention.py``, float32) | torch (``kernels/reference.py``)
+  attn  criss-cross attention        cpp (``kernels/cpu.py``, float32) | torch (``kernels/reference.py``)
   ffn1  linear1 + GELU               onednn+gelu (fused post-op) | onednn,gelu | blas,gelu
   ffn2  linear2 + bias + residual    onednn+add (fused) | blas (``addmm_`` into the residual)
 The output projections (+ residual) always accumulate into the new residual with ``addmm_``.
@@ -37,7 +37,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_attention, reference
+from ..kernels import cpu, reference
 
 PATHS = ("auto", "onednn", "blas", "plain")
 ATTENTION = ("auto", "cpp", "torch")
@@ -70,8 +70,8 @@ def onednn_bf16_available() -> bool:
 
 def capabilities() -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_available(),
-            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu_attention.available(),
-            "cpp_attention_simd": cpu_attention.simd_path()}
+            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu.available(),
+            "cpp_attention_simd": cpu.simd_path()}
 
 
 def _setting(env: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -153,8 +153,8 @@ class Workspace:
 
 
 def _round_bf16_(t: torch.Tensor) -> torch.Tensor:
-    if cpu_attention.available() and t.is_contiguous():
-        return cpu_attention.round_bf16_(t)
+    if cpu.available() and t.is_contiguous():
+        return cpu.round_bf16_(t)
     return t.copy_(t.to(torch.bfloat16))
 
 
@@ -175,7 +175,7 @@ def _attn(kind, qkv_s, qkv_t, heads, ws):
     b, c, n, three = qkv_s.shape
     if kind == "cpp":
         out = ws.get("attn", (b, c, n, 2 * three // 3), qkv_s.dtype)
-        return cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, heads, out=out)
+        return cpu.criss_cross_attention_cpu(qkv_s, qkv_t, heads, out=out)
     return reference.criss_cross_attention(qkv_s, qkv_t, heads)
 
 
@@ -183,9 +183,12 @@ def _ffn1(kind, h, w, ws):
     if kind == "onednn+gelu":
         return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
     if kind == "onednn,gelu":
-        return torch._C._nn.gelu_(_lp(h, w.l1_p, w.l1_b))
-    f = torch.addmm(w.l1_b, h, w.l1_t, out=ws.get("ffn", (h.shape[0], w.l1.shape[0]), h.dtype))
-    return torch._C._nn.gelu_(f)
+        f = _lp(h, w.l1_p, w.l1_b)
+        return cpu.bias_gelu_(f) if cpu.available() else torch._C._nn.gelu_(f)
+    f = ws.get("ffn", (h.shape[0], w.l1.shape[0]), h.dtype)
+    if cpu.available():  # bias added in the GELU pass instead of a broadcast copy before the GEMM
+        return cpu.bias_gelu_(torch.mm(h, w.l1_t, out=f), w.l1_b)
+    return torch._C._nn.gelu_(torch.addmm(w.l1_b, h, w.l1_t, out=f))
 
 
 def _ffn2(kind, f, x, w):
@@ -282,7 +285,7 @@ def candidates(precision: str, stream_fp32: bool, path: str, attention: str) -> 
     blas = not native  # the blas steps compute in float32
     same = not native or not stream_fp32  # residual stream in the GEMMs' dtype -> fused residual add
     c = {"qkv": ["onednn"] * onednn + ["blas"] * blas,
-         "attn": ["cpp"] * (not native and cpu_attention.available()) + ["torch"],
+         "attn": ["cpp"] * (not native and cpu.available()) + ["torch"],
          "ffn1": ["onednn+gelu", "onednn,gelu"] * onednn + ["blas,gelu"] * blas,
          "ffn2": ([("onednn+add" if same else "onednn")] if onednn else []) + ["blas"] * (blas and same)}
     if path in ("onednn", "blas"):

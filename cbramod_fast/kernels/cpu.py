@@ -1,5 +1,7 @@
-"""Fused criss-cross attention for CPU inference (float32), through the C++ extension (``csrc/attention.cpp``).
+"""CPU inference kernels of the encoder, through the C++ extension (``csrc/encoder_cpu.cpp``): the fused
+criss-cross attention (float32), bias + GELU in place, rounding to bfloat16 in place.
 
+The attention: 
 Same contract as ``reference.criss_cross_attention`` (see there): ``qkv_s`` / ``qkv_t`` are ``(B, C, N, 3*D)``
 views with unit stride on the last dim, the result is ``(B, C, N, 2*D)`` = ``[spatial | temporal]``. One
 C++ pass per sequence handles all heads: q, k and v are read in place (no permute copies), scores and softmax
@@ -23,8 +25,8 @@ def available() -> bool:
 
 
 def simd_path() -> str | None:
-    """Which build of the kernel runs: ``'avx2+fma'`` or ``'baseline'`` (``CBRAMOD_FAST_SIMD=baseline``)."""
-    return _ext.attention_simd_path() if available() else None
+    """Which build of the kernels runs: ``'avx2+fma'`` or ``'baseline'`` (``CBRAMOD_FAST_SIMD=baseline``)."""
+    return _ext.encoder_simd_path() if available() else None
 
 
 def _check(name: str, t: torch.Tensor) -> None:
@@ -70,4 +72,19 @@ def round_bf16_(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"round_bf16_ needs a contiguous float32 CPU tensor, got {x.dtype} on {x.device}")
     _ext.round_bf16_f32(x.data_ptr(), x.numel(), torch.get_num_threads())
+    return x
+
+
+def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x = gelu(x + bias)`` in place (erf form, the arithmetic of ATen's AVX2 GELU) on a float32 CPU matrix
+    with unit stride on the last dim; ``bias``: (x.shape[1],) or None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"bias_gelu_ needs a float32 CPU matrix with unit last stride, got {x.dtype} "
+                         f"{tuple(x.shape)} strides {x.stride()} on {x.device}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (x.shape[1],)
+                             or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous float32 ({x.shape[1]},) tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    _ext.bias_gelu_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), 0 if bias is None else bias.data_ptr(),
+                       torch.get_num_threads())
     return x

@@ -1,6 +1,7 @@
-// Fused criss-cross attention for CPU inference (float32): one pass per sequence, all heads, q/k/v read in
-// place from the projection output, scores and softmax in registers and a few KB of L1 scratch, the result
-// written straight into the (token, [spatial | temporal]) matrix the output projection reads.
+// CPU inference kernels of the encoder. The criss-cross attention (float32) makes one pass per sequence over
+// all heads: q/k/v read in place from the projection output, scores and softmax in registers and a few KB
+// of L1 scratch, the result written straight into the (token, [spatial | temporal]) matrix the output
+// projection reads.
 #pragma once
 
 #include <cstdint>

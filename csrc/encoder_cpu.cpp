@@ -1,10 +1,11 @@
-// Criss-cross attention for CPU inference and bf16 rounding, on raw float32 buffers owned by torch tensors.
+// CPU inference kernels of the encoder (criss-cross attention, bias + GELU, bf16 rounding) on raw float32
+// buffers owned by torch tensors.
 // The Python side (cbramod_fast/kernels/cpu_attention.py) checks dtypes, devices and shapes and passes data
 // pointers and element strides; nothing here allocates tensors or keeps a pointer after returning.
 #include <cmath>
 #include <limits>
 
-#include "attention.hpp"
+#include "encoder_cpu.hpp"
 #include "common.hpp"
 
 namespace cbf {
@@ -14,15 +15,15 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 namespace base {
-#include "attention_kernels.inc"
+#include "encoder_cpu_kernels.inc"
 }  // namespace base
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CBF_HAVE_AVX2_ATTENTION 1
+#define CBF_HAVE_AVX2_ENCODER 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-#include "attention_kernels.inc"
+#include "encoder_cpu_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -30,8 +31,8 @@ namespace avx2 {
 namespace {
 
 // Same switch as the signal kernels (dsp.hpp): AVX2+FMA when the CPU has it, unless CBRAMOD_FAST_SIMD=baseline.
-bool attention_avx2() {
-#ifdef CBF_HAVE_AVX2_ATTENTION
+bool encoder_avx2() {
+#ifdef CBF_HAVE_AVX2_ENCODER
   static const bool ok = [] {
     const char* env = std::getenv("CBRAMOD_FAST_SIMD");
     if (env && std::string(env) == "baseline") return false;
@@ -44,8 +45,8 @@ bool attention_avx2() {
 }
 
 void run(const AttentionHalf* halves, int n, int heads, int head_dim, int threads) {
-#ifdef CBF_HAVE_AVX2_ATTENTION
-  if (attention_avx2()) return avx2::attend_halves(halves, n, heads, head_dim, threads);
+#ifdef CBF_HAVE_AVX2_ENCODER
+  if (encoder_avx2()) return avx2::attend_halves(halves, n, heads, head_dim, threads);
 #endif
   base::attend_halves(halves, n, heads, head_dim, threads);
 }
@@ -71,7 +72,7 @@ AttentionHalf half_from(const py::tuple& t) {
 
 }  // namespace
 
-void register_attention(py::module_& m) {
+void register_encoder_cpu(py::module_& m) {
   m.def(
       "attention_f32",
       [](const py::list& halves, int heads, int head_dim, int threads) {
@@ -92,15 +93,31 @@ void register_attention(py::module_& m) {
         py::gil_scoped_release release;
         parallel_for((n + 4095) / 4096, threads, [&](int64_t b, int64_t e) {
           const int64_t lo = b * 4096, hi = std::min(n, e * 4096);
-#ifdef CBF_HAVE_AVX2_ATTENTION
-          if (attention_avx2()) return avx2::round_bf16(x + lo, hi - lo);
+#ifdef CBF_HAVE_AVX2_ENCODER
+          if (encoder_avx2()) return avx2::round_bf16(x + lo, hi - lo);
 #endif
           base::round_bf16(x + lo, hi - lo);
         });
       },
       py::arg("ptr"), py::arg("n"), py::arg("threads") = 1,
       "Round n contiguous float32 values to the nearest bfloat16 (ties to even), in place");
-  m.def("attention_simd_path", [] { return std::string(attention_avx2() ? "avx2+fma" : "baseline"); });
+  m.def(
+      "bias_gelu_f32",
+      [](uintptr_t ptr, int64_t rows, int64_t n, int64_t row_stride, uintptr_t bias, int threads) {
+        float* x = reinterpret_cast<float*>(ptr);
+        const float* b = reinterpret_cast<const float*>(bias);
+        py::gil_scoped_release release;
+        parallel_for((rows + 15) / 16, threads, [&](int64_t lo, int64_t hi) {
+          const int64_t r0 = lo * 16, nr = std::min(rows, hi * 16) - r0;
+#ifdef CBF_HAVE_AVX2_ENCODER
+          if (encoder_avx2()) return avx2::bias_gelu_rows(x + r0 * row_stride, nr, n, row_stride, b);
+#endif
+          base::bias_gelu_rows(x + r0 * row_stride, nr, n, row_stride, b);
+        });
+      },
+      py::arg("ptr"), py::arg("rows"), py::arg("n"), py::arg("row_stride"), py::arg("bias"), py::arg("threads") = 1,
+      "In place: x[r, :n] = gelu(x[r, :n] + bias) (erf form) over float32 rows; bias 0 = none");
+  m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
 }
 
 }  // namespace cbf

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from cbramod_fast.kernels import cpu_attention, reference
+from cbramod_fast.kernels import cpu, reference
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the C++ extension is not built")
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the C++ extension is not built")
 
 
 def _inputs(b, c, n, d, spatial_bnc=True, seed=0, scale=2.0):
@@ -40,18 +40,18 @@ def _check(qkv_s, qkv_t, heads, got):
 @pytest.mark.parametrize("n", [1, 4, 10, 30])
 def test_matches_reference_on_usual_shapes(c, n):
     qkv_s, qkv_t = _inputs(2, c, n, 100)
-    _check(qkv_s, qkv_t, 4, cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4))
+    _check(qkv_s, qkv_t, 4, cpu.criss_cross_attention_cpu(qkv_s, qkv_t, 4))
 
 
 @pytest.mark.parametrize("heads, d", [(1, 8), (2, 50), (5, 100), (3, 9), (4, 64), (1, 200)])
 def test_other_head_sizes(heads, d):
     qkv_s, qkv_t = _inputs(3, 5, 9, d, seed=1)
-    _check(qkv_s, qkv_t, heads, cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, heads))
+    _check(qkv_s, qkv_t, heads, cpu.criss_cross_attention_cpu(qkv_s, qkv_t, heads))
 
 
 def test_long_sequences_and_large_scores():
     qkv_s, qkv_t = _inputs(1, 65, 70, 100, seed=2, scale=6.0)  # peaked softmax, lengths past 64
-    _check(qkv_s, qkv_t, 4, cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4))
+    _check(qkv_s, qkv_t, 4, cpu.criss_cross_attention_cpu(qkv_s, qkv_t, 4))
 
 
 def test_strided_views_and_out_buffer():
@@ -60,19 +60,19 @@ def test_strided_views_and_out_buffer():
     qkv_s, qkv_t = both[..., :300], both[..., 350:650]
     big = torch.full((2, 6, 7, 260), float("nan"))
     out = big[..., 30:230]
-    got = cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4, out=out)
+    got = cpu.criss_cross_attention_cpu(qkv_s, qkv_t, 4, out=out)
     assert got.data_ptr() == out.data_ptr()
     _check(qkv_s, qkv_t, 4, got)
     assert torch.isnan(big[..., :30]).all() and torch.isnan(big[..., 230:]).all(), "wrote outside out"
     a, b = _inputs(2, 6, 7, 100, spatial_bnc=False)
-    _check(a, b, 4, cpu_attention.criss_cross_attention_cpu(a, b, 4))
+    _check(a, b, 4, cpu.criss_cross_attention_cpu(a, b, 4))
 
 
 def test_nan_stays_in_its_sequences():
     qkv_s, qkv_t = _inputs(2, 3, 4, 100)
     qkv_t = qkv_t.clone()
     qkv_t[1, 2, 0, 0] = float("nan")  # a query of temporal sequence (b=1, c=2)
-    got = cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4)
+    got = cpu.criss_cross_attention_cpu(qkv_s, qkv_t, 4)
     assert torch.isnan(got[1, 2, 0, 100:125]).all()
     nan = torch.isnan(got)
     nan[1, 2, 0, 100:125] = False
@@ -92,15 +92,15 @@ def test_nan_stays_in_its_sequences():
 def test_bad_input(args, match):
     qkv_s, qkv_t = _inputs(1, 3, 3, 100)
     with pytest.raises(ValueError, match=match):
-        cpu_attention.criss_cross_attention_cpu(*args(qkv_s, qkv_t))
+        cpu.criss_cross_attention_cpu(*args(qkv_s, qkv_t))
 
 
 def test_bad_out_and_autograd():
     qkv_s, qkv_t = _inputs(1, 3, 3, 100)
     with pytest.raises(ValueError, match="out must be"):
-        cpu_attention.criss_cross_attention_cpu(qkv_s, qkv_t, 4, out=torch.empty(1, 3, 3, 100))
+        cpu.criss_cross_attention_cpu(qkv_s, qkv_t, 4, out=torch.empty(1, 3, 3, 100))
     with pytest.raises(RuntimeError, match="no backward"):
-        cpu_attention.criss_cross_attention_cpu(qkv_s.requires_grad_(), qkv_t, 4)
+        cpu.criss_cross_attention_cpu(qkv_s.requires_grad_(), qkv_t, 4)
 
 
 def test_round_bf16_matches_torch():
@@ -110,18 +110,18 @@ def test_round_bf16_matches_torch():
     # exact ties between two bf16 values (round to even)
     ties = (torch.arange(1, 200, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)
     x = torch.cat((x, ties, -ties))
-    got = cpu_attention.round_bf16_(x.clone())
+    got = cpu.round_bf16_(x.clone())
     assert torch.equal(got, x.bfloat16().float())
-    nan = cpu_attention.round_bf16_(torch.tensor([float("nan"), 1.0]))
+    nan = cpu.round_bf16_(torch.tensor([float("nan"), 1.0]))
     assert torch.isnan(nan[0]) and nan[1] == 1.0
     with pytest.raises(ValueError, match="contiguous float32"):
-        cpu_attention.round_bf16_(torch.randn(4, 4).t())
+        cpu.round_bf16_(torch.randn(4, 4).t())
 
 
 def test_baseline_build_matches():
     """The portable build (what runs on CPUs without AVX2/FMA) gives the same results, in a fresh process
     because the SIMD choice is made once."""
-    code = ("import torch; from cbramod_fast.kernels import cpu_attention as k, reference as r;"
+    code = ("import torch; from cbramod_fast.kernels import cpu as k, reference as r;"
             "assert k.simd_path() == 'baseline', k.simd_path();"
             "g = torch.Generator().manual_seed(0);"
             "s = torch.randn(2, 9, 5, 300, generator=g); t = torch.randn(2, 9, 5, 300, generator=g);"
@@ -133,3 +133,32 @@ def test_baseline_build_matches():
     # outside the checkout: `python -c` puts the cwd on sys.path, and the source tree has no built _ext
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("rows, n", [(1, 1), (3, 13), (120, 800), (37, 200)])
+def test_bias_gelu_matches_torch(rows, n):
+    """2x-PyTorch rule against float64, with and without a bias, on a row-strided view."""
+    g = torch.Generator().manual_seed(rows)
+    base = torch.randn(rows, n + 5, generator=g) * 4
+    bias = torch.randn(n, generator=g)
+    for b in (bias, None):
+        x = base[:, 2:2 + n].clone() if b is None else base.clone()[:, 2:2 + n]
+        pre = x + (b if b is not None else 0)
+        gold = torch.nn.functional.gelu(pre.double())
+        torch_err = (torch.nn.functional.gelu(pre).double() - gold).abs().max().item()
+        got = cpu.bias_gelu_(x, b)
+        assert got.data_ptr() == x.data_ptr()
+        err = (got.double() - gold).abs().max().item()
+        assert err <= 2 * torch_err + 1e-7, f"max err {err:.2e} > 2 x torch's {torch_err:.2e}"
+
+
+def test_bias_gelu_special_values_and_bad_input():
+    x = torch.tensor([[float("nan"), float("inf"), 0.0, 1e-30, 20.0, -20.0, -3.0, 3.0]])
+    got = cpu.bias_gelu_(x.clone())
+    ref = torch.nn.functional.gelu(x)
+    assert torch.isnan(got[0, 0]) and got[0, 1] == float("inf")
+    assert torch.allclose(got[0, 2:], ref[0, 2:], atol=1e-7, rtol=1e-6)
+    with pytest.raises(ValueError, match="float32 CPU matrix"):
+        cpu.bias_gelu_(torch.randn(4, 4).t())
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu.bias_gelu_(torch.randn(4, 4), torch.randn(5))
