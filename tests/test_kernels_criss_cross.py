@@ -24,6 +24,7 @@ from conftest import DATA
 
 from cbramod_fast import CBraMod, kernels
 from cbramod_fast.kernels import criss_cross as cc
+from cbramod_fast.kernels import runtime
 from cbramod_fast.kernels.criss_cross import (
     criss_cross_attention_triton,
     criss_cross_attention_triton_packed,
@@ -282,7 +283,7 @@ def test_kernel_device_outside_the_interpreter(monkeypatch):
     # What a GPU machine sees (CUDA present, no interpreter), without one: CPU inputs go to the CUDA device.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(kernels, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(runtime, "triton_interpreting", lambda: False)
     cuda = torch.device("cuda", 0)
     assert kernels.kernel_device(None) == cuda
     assert kernels.kernel_device(None, None, torch.zeros(1), torch.Generator()) == cuda
@@ -315,7 +316,7 @@ def test_compiled_kernel_stats():
         def __init__(self, entry):
             self.__name__, self.device_caches = "_cc_bwd_kernel", {0: entry}
 
-    rows = kernels.compiled_kernel_stats(Fn(({"k": Compiled()}, "t", "b", "bind")),
+    rows = runtime.compiled_kernel_stats(Fn(({"k": Compiled()}, "t", "b", "bind")),
                                          Fn(({"k": Compiled()}, {}, "t", "b", "bind")))
     assert rows == [{"kernel": "_cc_bwd_kernel", "name": "_cc_bwd_kernel", "num_warps": 8, "num_stages": 1,
                      "shared": 4096, "n_regs": 168, "n_spills": 0}] * 2

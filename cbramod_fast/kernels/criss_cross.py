@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import compiled_kernel_stats as _kernel_stats
-from . import kernel_device, require_kernel_device, triton_interpreting
+from .runtime import compiled_kernel_stats as _kernel_stats
+from .runtime import kernel_device, require_kernel_device, triton_interpreting
 
 __all__ = ["compiled_kernel_stats", "criss_cross_attention_triton", "criss_cross_attention_triton_packed",
            "dropout_keep_mask", "new_seed"]

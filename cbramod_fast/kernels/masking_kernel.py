@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import compiled_kernel_stats as _kernel_stats
-from . import kernel_device, require_kernel_device
 from .reference import check_dual_mask_args, check_present, loss_weights
+from .runtime import compiled_kernel_stats as _kernel_stats
+from .runtime import kernel_device, require_kernel_device
 
 __all__ = ["apply_dual_mask", "compiled_kernel_stats", "dual_mask", "masked_mse"]
 
