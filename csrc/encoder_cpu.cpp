@@ -117,6 +117,36 @@ void register_encoder_cpu(py::module_& m) {
       },
       py::arg("ptr"), py::arg("rows"), py::arg("n"), py::arg("row_stride"), py::arg("bias"), py::arg("threads") = 1,
       "In place: x[r, :n] = gelu(x[r, :n] + bias) (erf form) over float32 rows; bias 0 = none");
+  m.def(
+      "layer_norm_f32",
+      [](uintptr_t x, int64_t b, int64_t c, int64_t n, int64_t d, uintptr_t w, uintptr_t bias, float eps,
+         uintptr_t out_lo, uintptr_t out_hi, int64_t split, bool lo_bnc, int threads) {
+        // x: (B, C, N, d) contiguous. Features [0, split) go to out_lo, [split, d) to out_hi, both row-major
+        // with row lengths split and d - split; out_lo's rows in (B, N, C) order when lo_bnc, else (B, C, N).
+        const float* xp = reinterpret_cast<const float*>(x);
+        const float* wp = reinterpret_cast<const float*>(w);
+        const float* bp = reinterpret_cast<const float*>(bias);
+        float* lo = reinterpret_cast<float*>(out_lo);
+        float* hi = reinterpret_cast<float*>(out_hi);
+        const int64_t rows = b * c * n;
+        py::gil_scoped_release release;
+        parallel_for((rows + 63) / 64, threads, [&](int64_t blo, int64_t bhi) {
+          for (int64_t r = blo * 64; r < std::min(rows, bhi * 64); ++r) {
+            const int64_t bi = r / (c * n), ci = (r / n) % c, ni = r % n;
+            const int64_t r_lo = lo_bnc ? (bi * n + ni) * c + ci : r;
+#ifdef CBF_HAVE_AVX2_ENCODER
+            if (encoder_avx2()) {
+              avx2::layer_norm_row(xp + r * d, d, wp, bp, eps, split, lo + r_lo * split, hi + r * (d - split));
+              continue;
+            }
+#endif
+            base::layer_norm_row(xp + r * d, d, wp, bp, eps, split, lo + r_lo * split, hi + r * (d - split));
+          }
+        });
+      },
+      py::arg("x"), py::arg("b"), py::arg("c"), py::arg("n"), py::arg("d"), py::arg("w"), py::arg("bias"),
+      py::arg("eps"), py::arg("out_lo"), py::arg("out_hi"), py::arg("split"), py::arg("lo_bnc"),
+      py::arg("threads") = 1, "LayerNorm of float32 rows into two destinations (see the source)");
   m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
 }
 

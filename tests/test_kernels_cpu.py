@@ -162,3 +162,32 @@ def test_bias_gelu_special_values_and_bad_input():
         cpu.bias_gelu_(torch.randn(4, 4).t())
     with pytest.raises(ValueError, match="bias must be"):
         cpu.bias_gelu_(torch.randn(4, 4), torch.randn(5))
+
+
+@pytest.mark.parametrize("b, c, n, d", [(1, 1, 1, 200), (2, 19, 30, 200), (3, 5, 7, 14), (1, 2, 3, 9)])
+def test_layer_norm_matches_torch(b, c, n, d):
+    """Both entry points, 2x-PyTorch rule against float64; the split one scatters the halves into the
+    attention inputs' layouts."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, c, n, d, generator=g) * 3 + 1
+    w, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    gold = torch.nn.functional.layer_norm(x.double(), (d,), w.double(), bias.double(), 1e-5)
+    torch_err = (torch.nn.functional.layer_norm(x, (d,), w, bias, 1e-5).double() - gold).abs().max().item()
+    out = torch.full_like(x, float("nan"))
+    cpu.layer_norm(x, w, bias, 1e-5, out)
+    assert (out.double() - gold).abs().max().item() <= 2 * torch_err + 1e-6
+    h = d // 2
+    out_s, out_t = torch.full((b, n, c, h), float("nan")), torch.full((b, c, n, d - h), float("nan"))
+    cpu.layer_norm_split(x, w, bias, 1e-5, out_s, out_t)
+    assert (out_s.double() - gold[..., :h].transpose(1, 2)).abs().max().item() <= 2 * torch_err + 1e-6
+    assert (out_t.double() - gold[..., h:]).abs().max().item() <= 2 * torch_err + 1e-6
+
+
+def test_layer_norm_bad_input():
+    x, w = torch.randn(2, 3, 4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.layer_norm(x, w, w, 1e-5, torch.empty(2, 3, 4, 9))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu.layer_norm(x.transpose(1, 2), w, w, 1e-5, torch.empty(2, 4, 3, 8))
+    with pytest.raises(ValueError, match="weight and bias"):
+        cpu.layer_norm_split(x, torch.ones(9), w, 1e-5, torch.empty(2, 4, 3, 4), torch.empty(2, 3, 4, 4))

@@ -1,5 +1,7 @@
 """CPU inference kernels of the encoder, through the C++ extension (``csrc/encoder_cpu.cpp``): the fused
-criss-cross attention (float32), bias + GELU in place, rounding to bfloat16 in place.
+criss-cross attention (float32), LayerNorm into given buffers, bias + GELU in place, rounding to bfloat16
+in place. Writing into the caller's (reused) buffers is half the point: a fresh multi-MB tensor per layer
+costs page faults whenever the allocator has returned the last one to the OS.
 
 The attention: 
 Same contract as ``reference.criss_cross_attention`` (see there): ``qkv_s`` / ``qkv_t`` are ``(B, C, N, 3*D)``
@@ -88,3 +90,36 @@ def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tenso
     _ext.bias_gelu_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), 0 if bias is None else bias.data_ptr(),
                        torch.get_num_threads())
     return x
+
+
+def layer_norm_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_s: torch.Tensor,
+                     out_t: torch.Tensor) -> None:
+    """LayerNorm of ``x`` (B, C, N, d) into the attention halves' inputs: features [0, d/2) to ``out_s``
+    (B, N, C, d/2), i.e. in the spatial projection's row order, [d/2, d) to ``out_t`` (B, C, N, d/2).
+    float32, all contiguous."""
+    b, c, n, d = x.shape
+    _check_ln(x, weight, bias, d, (out_s, (b, n, c, d // 2)), (out_t, (b, c, n, d - d // 2)))
+    _ext.layer_norm_f32(x.data_ptr(), b, c, n, d, weight.data_ptr(), bias.data_ptr(), eps, out_s.data_ptr(),
+                        out_t.data_ptr(), d // 2, True, torch.get_num_threads())
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """LayerNorm over the last dim of a contiguous float32 ``x`` into ``out`` (same shape, contiguous)."""
+    d = x.shape[-1]
+    _check_ln(x, weight, bias, d, (out, tuple(x.shape)))
+    rows = x.numel() // d
+    _ext.layer_norm_f32(x.data_ptr(), 1, 1, rows, d, weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(),
+                        out.data_ptr(), d, False, torch.get_num_threads())
+
+
+def _check_ln(x, weight, bias, d, *outs):
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)) + tuple((f"out{i}", o) for i, (o, _) in
+                                                                        enumerate(outs)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"layer_norm: {name} must be a contiguous float32 CPU tensor, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if tuple(weight.shape) != (d,) or tuple(bias.shape) != (d,):
+        raise ValueError(f"layer_norm: weight and bias must be ({d},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
+    for o, shape in outs:
+        if tuple(o.shape) != shape:
+            raise ValueError(f"layer_norm: out must be {shape}, got {tuple(o.shape)}")

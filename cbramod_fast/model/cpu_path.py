@@ -216,12 +216,20 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> 
     b, c, n, d = x.shape
     half, tok = d // 2, b * c * n
     cd = w.dtype  # the GEMMs' dtype
-    h = F.layer_norm(x, (d,), w.norm("n1w", x.dtype), w.norm("n1b", x.dtype), layer.norm1.eps).view(tok, d)
+    native_ln = cpu.available() and x.dtype == cd == torch.float32
+    # LayerNorm 1 straight into the projections' inputs, the spatial half in (B, N, C) row order: its
+    # attention sequences are then contiguous.
+    h_s, h_t = ws.get("h_s", (b, n, c, half), cd), ws.get("h_t", (b, c, n, half), cd)
+    if native_ln:
+        cpu.layer_norm_split(x, w.norm("n1w", x.dtype), w.norm("n1b", x.dtype), layer.norm1.eps, h_s, h_t)
+    else:
+        h = F.layer_norm(x, (d,), w.norm("n1w", x.dtype), w.norm("n1b", x.dtype), layer.norm1.eps)
+        h_s.copy_(h[..., :half].transpose(1, 2))
+        h_t.copy_(h[..., half:])
     if emulate:
-        _round_bf16_(h)
-    # The spatial half is projected in (B, N, C) row order: its attention sequences are then contiguous.
-    h_s = ws.get("h_s", (b, n, c, half), cd).copy_(h[:, :half].view(b, c, n, half).transpose(1, 2))
-    h_t = h[:, half:].to(cd)
+        _round_bf16_(h_s)
+        _round_bf16_(h_t)
+    h_t = h_t.view(tok, half)
     qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, h_s.view(tok, half), h_t, w, ws))
     qkv_s, qkv_t = qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1)
     a = choose("attn", lambda k: _attn(k, qkv_s, qkv_t, layer.heads, ws)).reshape(tok, d)
@@ -235,7 +243,11 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> 
     else:  # bf16 GEMMs over a float32 stream (autocast): bf16 outputs added in float32, as autocast does
         o = torch.cat((_lp(a[:, :half], w.out_s_p, w.out_s_b), _lp(a[:, half:], w.out_t_p, w.out_t_b)), -1)
         x = x.view(tok, d) + o
-    h = F.layer_norm(x, (d,), w.norm("n2w", x.dtype), w.norm("n2b", x.dtype), layer.norm2.eps).to(cd)
+    if native_ln:
+        h = ws.get("h", (tok, d), cd)
+        cpu.layer_norm(x, w.norm("n2w", x.dtype), w.norm("n2b", x.dtype), layer.norm2.eps, h)
+    else:
+        h = F.layer_norm(x, (d,), w.norm("n2w", x.dtype), w.norm("n2b", x.dtype), layer.norm2.eps).to(cd)
     if emulate:
         _round_bf16_(h)
     f = choose("ffn1", lambda k: _ffn1(k, h, w, ws))
