@@ -143,7 +143,7 @@ def test_auto_measures_once_and_reports(force):
         out = fast(x)
         first = fast.cpu_path
         assert torch.equal(fast(x), out), "the measured plan changed between calls"
-    assert first == fast.cpu_path and first.startswith("fp32") and "threads" in first
+    assert first == fast.cpu_path and first.startswith(("fp32", "plain")) and "measured" in first
     with torch.no_grad():
         assert (out - ref(x)).abs().max().item() <= OUT_ATOL
     fast.set_cpu_path("plain")
@@ -163,10 +163,32 @@ def test_big_batches_are_measured_on_a_slice(force, monkeypatch):
     monkeypatch.setattr(cpu_path, "_PLANS", {})
     seen = []
     real = cpu_path._measure
-    monkeypatch.setattr(cpu_path, "_measure", lambda layer, x, opts: seen.append(x.shape[0]) or real(layer, x, opts))
+    monkeypatch.setattr(cpu_path, "_measure",
+                        lambda layer, x, opts, plain: seen.append(x.shape[0]) or real(layer, x, opts, plain))
     fast, ref = _pair()
     for b in (9, 17):
         x = torch.randn(b, 3, 4, 200)  # 12 tokens per sample: slices of 2 samples
         with torch.no_grad():
             assert (fast(x) - ref(x)).abs().max().item() <= OUT_ATOL
     assert seen in ([2], []), seen  # [] when one candidate per step leaves nothing to measure
+
+
+def test_plain_ops_win_when_they_are_faster(force, monkeypatch):
+    """The guarantee "never slower than plain PyTorch ops": when the layer's own forward times fastest,
+    the plan runs it."""
+    force("auto")
+    monkeypatch.setattr(cpu_path, "_PLANS", {})
+    calls = []
+
+    def fake_time(fn, reps=3):  # _measure times the plain forward first
+        calls.append(fn)
+        fn()
+        return 0.0 if len(calls) == 1 else 1.0
+
+    monkeypatch.setattr(cpu_path, "_time", fake_time)
+    fast, ref = _pair()
+    x = torch.randn(2, 3, 4, 200)
+    with torch.no_grad():
+        out = fast(x)
+    assert fast.cpu_path.startswith("plain (measured"), fast.cpu_path
+    assert (out - ref(x)).abs().max().item() <= OUT_ATOL

@@ -262,20 +262,22 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> 
 # -- choosing a plan -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    precision: str  # "fp32" | "bf16-native" | "bf16-emulated"
-    qkv: str
-    attn: str
-    ffn1: str
-    ffn2: str
-    measured: bool  # chosen by timing (False: forced, or one candidate per step)
+    precision: str  # "fp32" | "bf16-native" | "bf16-emulated" | "plain" (the layers' own forward)
+    qkv: str = "-"
+    attn: str = "-"
+    ffn1: str = "-"
+    ffn2: str = "-"
+    measured: bool = False  # chosen by timing (False: forced, or one candidate per step)
 
     def choose(self, step: str, fn):
         return fn(getattr(self, step))
 
     def describe(self) -> str:
         how = "measured" if self.measured else "fixed"
-        return (f"{self.precision} qkv={self.qkv} attn={self.attn} ffn1={self.ffn1} ffn2={self.ffn2} ({how}; "
-                f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})")
+        steps = "" if self.precision == "plain" else \
+            f" qkv={self.qkv} attn={self.attn} ffn1={self.ffn1} ffn2={self.ffn2}"
+        return (f"{self.precision}{steps} ({how}; {torch.get_num_threads()} threads, "
+                f"{torch.backends.cpu.get_cpu_capability()})")
 
 
 def requested_precision(x: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -359,15 +361,21 @@ def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
     if len(precisions) == 1 and all(len(v) == 1 for v in options[precisions[0]].values()):
         plan = Plan(precisions[0], **{k: v[0] for k, v in options[precisions[0]].items()}, measured=False)
     else:
-        plan = _measure(layer, x[:min(b, bucket)], options)
+        # bf16 through plain ops is ATen's slow bf16 fallback where oneDNN has no bf16: not worth timing
+        plan = _measure(layer, x[:min(b, bucket)], options, plain=path == "auto" and (
+            req == "fp32" or onednn_bf16_available()))
     _PLANS[key] = plan
     return plan
 
 
-def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]]) -> Plan:
+def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
     """Time every candidate of every step on one layer (min of 3 after a warm-up), per precision; then the
-    whole layer with each precision's winners, and keep the fastest."""
+    whole layer with each precision's winners, and keep the fastest. With ``plain``, the layer's own forward
+    (the training path's plain ops, about the original's speed) competes too: the plan is never slower
+    than it on the measured shape."""
     best: tuple[float, Plan] | None = None
+    if plain:
+        best = (_time(lambda: layer(x)), Plan("plain", measured=True))
     for precision, opts in options.items():
         chosen: dict[str, str] = {}
 

@@ -94,7 +94,7 @@ class Encoder(nn.Module):
         plan = cpu_path.plan_for(self.layers, x, self.cpu_path) if cpu else None
         if cpu:
             self.last_cpu_path = plan.describe() if plan else f"plain ({x.dtype}, {self.cpu_path})"
-        if plan is None:
+        if plan is None or plan.precision == "plain":
             for layer in self.layers:
                 x = layer(x, backend)
             return x
