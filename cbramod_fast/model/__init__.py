@@ -1,3 +1,6 @@
+"""The CBraMod encoder: the fast drop-in model, its configuration and presets, checkpoint loading, the
+CPU inference path, and the faithful reference implementation tests and benchmarks compare against."""
+
 from __future__ import annotations
 
 from .cbramod import CBraMod

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import criss_cross_attention
+from ..kernels import criss_cross_attention_packed
 from . import cpu_path
 from .config import CBraModConfig
 
@@ -57,7 +57,8 @@ class CrissCrossLayer(nn.Module):
         w_in = torch.stack((s.in_proj_weight, t.in_proj_weight)).transpose(1, 2)
         b_in = torch.stack((s.in_proj_bias, t.in_proj_bias)).unsqueeze(1)
         qkv = torch.baddbmm(b_in, h.reshape(-1, 2, half).transpose(0, 1), w_in).view(2, b, c, n, 3 * half)
-        a = criss_cross_attention(qkv[0], qkv[1], self.heads, self.p, self.training, backend=backend)
+        # The packed entry: one gradient for qkv (not two zero-filled select-backward buffers summed).
+        a = criss_cross_attention_packed(qkv, self.heads, self.p, self.training, backend=backend)
         w_out = torch.stack((s.out_proj.weight, t.out_proj.weight)).transpose(1, 2)
         b_out = torch.stack((s.out_proj.bias, t.out_proj.bias)).unsqueeze(1)
         o = torch.baddbmm(b_out, a.reshape(-1, 2, half).transpose(0, 1), w_out)  # (2, T, half)
