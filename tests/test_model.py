@@ -276,3 +276,17 @@ def test_reference_model_and_presets_initialise_like_the_original_constructor():
     w = a.encoder.layers[0].linear2.weight
     assert abs(w.std().item() - (2 / w.shape[0]) ** 0.5) < 0.1 * (2 / w.shape[0]) ** 0.5
     assert torch.equal(a.encoder.layers[0].self_attn_s.in_proj_weight, a.encoder.layers[1].self_attn_s.in_proj_weight)
+
+
+def test_pytorch_weight_init_is_an_explicit_option():
+    torch.manual_seed(3)
+    a = CBraMod(n_layer=2, weight_init="pytorch")
+    torch.manual_seed(3)
+    b = CBraMod.from_config("tiny", weight_init="pytorch")
+    w = a.encoder.layers[0].linear2.weight
+    # PyTorch's default Linear init: uniform(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in); layers independent
+    assert abs(w.std().item() - (1 / (3 * w.shape[1])) ** 0.5) < 0.1 * (1 / (3 * w.shape[1])) ** 0.5
+    assert not torch.equal(a.encoder.layers[0].self_attn_s.in_proj_weight, a.encoder.layers[1].self_attn_s.in_proj_weight)
+    assert b.encoder.layers[0].linear1.weight.shape[0] == 200
+    with pytest.raises(ValueError, match="unknown weight_init"):
+        CBraMod(n_layer=1, weight_init="xavier")

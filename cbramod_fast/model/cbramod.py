@@ -16,6 +16,9 @@ from .embedding import PatchEmbedding
 from .encoder import Encoder
 
 
+WEIGHT_INITS = ("original", "pytorch")
+
+
 def original_linear_init(m: nn.Module) -> None:
     """The original's re-initialisation of every ``nn.Linear`` weight after construction (applied with
     ``Module.apply``, i.e. in the same module order): a seeded model equals the original's tensor for tensor
@@ -38,17 +41,20 @@ class CBraMod(nn.Module):
 
     def __init__(self, in_dim: int = 200, out_dim: int = 200, d_model: int = 200, dim_feedforward: int = 800,
                  seq_len: int = 30, n_layer: int = 12, nhead: int = 8, backend: str = "auto",
-                 dropout: float = 0.1, cpu_path: str = "auto"):
+                 dropout: float = 0.1, cpu_path: str = "auto", weight_init: str = "original"):
         super().__init__()
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"unknown weight_init {weight_init!r}; expected one of {WEIGHT_INITS}")
         self.config = CBraModConfig(in_dim=in_dim, out_dim=out_dim, d_model=d_model,
                                     dim_feedforward=dim_feedforward, seq_len=seq_len, n_layer=n_layer,
                                     nhead=nhead, dropout=dropout)
         resolve_backend(backend, "cpu")  # validate the name early
         self.backend = backend
         self.patch_embedding = PatchEmbedding(self.config)
-        self.encoder = Encoder(self.config)
+        self.encoder = Encoder(self.config, clone_layers=weight_init == "original")
         self.proj_out = nn.Sequential(nn.Linear(d_model, out_dim))
-        self.apply(original_linear_init)
+        if weight_init == "original":
+            self.apply(original_linear_init)
         self.set_cpu_path(cpu_path)
 
     def set_cpu_path(self, mode: str) -> None:
@@ -63,12 +69,13 @@ class CBraMod(nn.Module):
         return self.encoder.last_cpu_path
 
     @classmethod
-    def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto", cpu_path: str = "auto") -> "CBraMod":
+    def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto", cpu_path: str = "auto",
+                    weight_init: str = "original") -> "CBraMod":
         if isinstance(cfg, str):
             if cfg not in PRESETS:
                 raise ValueError(f"unknown preset {cfg!r}; expected one of {sorted(PRESETS)}")
             cfg = PRESETS[cfg]
-        return cls(**cfg.to_dict(), backend=backend, cpu_path=cpu_path)
+        return cls(**cfg.to_dict(), backend=backend, cpu_path=cpu_path, weight_init=weight_init)
 
     # -- input checks -------------------------------------------------------------------------------------
     def _check(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -76,12 +76,15 @@ class CrissCrossLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: CBraModConfig):
+    def __init__(self, cfg: CBraModConfig, clone_layers: bool = True):
         super().__init__()
-        # One layer built, the others deep copies of it, as the original builds its encoder: the random
-        # number stream is consumed exactly as there (the copies are re-initialised in CBraMod.__init__).
-        layer = CrissCrossLayer(cfg)
-        self.layers = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(cfg.n_layer - 1)])
+        if clone_layers:
+            # One layer built, the others deep copies of it, as the original builds its encoder: the random
+            # number stream is consumed exactly as there (CBraMod.__init__ then re-initialises the Linears).
+            layer = CrissCrossLayer(cfg)
+            self.layers = nn.ModuleList([layer] + [copy.deepcopy(layer) for _ in range(cfg.n_layer - 1)])
+        else:
+            self.layers = nn.ModuleList([CrissCrossLayer(cfg) for _ in range(cfg.n_layer)])
         self.cpu_path = "auto"  # forcing setting of the CPU inference path (cpu_path.PATHS)
         self.last_cpu_path: str | None = None  # what the last CPU inference call ran
 
