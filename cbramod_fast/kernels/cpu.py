@@ -59,14 +59,26 @@ def criss_cross_attention_cpu(qkv_s: torch.Tensor, qkv_t: torch.Tensor, heads: i
         _check("out", out)
         if tuple(out.shape) != (b, c, n, 2 * d):
             raise ValueError(f"out must be {(b, c, n, 2 * d)}, got {tuple(out.shape)}")
+    attention_raw(attention_args(qkv_s, qkv_t, out), heads, d // heads, torch.get_num_threads())
+    return out
+
+
+def attention_args(qkv_s: torch.Tensor, qkv_t: torch.Tensor, out: torch.Tensor) -> list[tuple]:
+    """The native call's arguments for (B, C, N, 3*D) views and a (B, C, N, 2*D) output (unchecked)."""
+    b, c, n, three_d = qkv_s.shape
+    d = three_d // 3
     sb, sc, sn, _ = qkv_s.stride()
     tb, tc, tn, _ = qkv_t.stride()
     ob, oc, on, _ = out.stride()
     ptr = out.data_ptr()
     spatial = (qkv_s.data_ptr(), b, n, sb, sn, sc, ptr, ob, on, oc, c)  # sequences (b, n) of C rows
     temporal = (qkv_t.data_ptr(), b, c, tb, tc, tn, ptr + 4 * d, ob, oc, on, n)  # sequences (b, c) of N rows
-    _ext.attention_f32([spatial, temporal], heads, d // heads, torch.get_num_threads())
-    return out
+    return [spatial, temporal]
+
+
+def attention_raw(args: list[tuple], heads: int, head_dim: int, threads: int) -> None:
+    """The native attention on ``attention_args`` (no checks: for callers that own the buffers)."""
+    _ext.attention_f32(args, heads, head_dim, threads)
 
 
 def round_bf16_(x: torch.Tensor) -> torch.Tensor:
@@ -99,17 +111,26 @@ def layer_norm_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     float32, all contiguous."""
     b, c, n, d = x.shape
     _check_ln(x, weight, bias, d, (out_s, (b, n, c, d // 2)), (out_t, (b, c, n, d - d // 2)))
-    _ext.layer_norm_f32(x.data_ptr(), b, c, n, d, weight.data_ptr(), bias.data_ptr(), eps, out_s.data_ptr(),
-                        out_t.data_ptr(), d // 2, True, torch.get_num_threads())
+    layer_norm_raw(x, weight, bias, eps, out_s, out_t, True, torch.get_num_threads())
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     """LayerNorm over the last dim of a contiguous float32 ``x`` into ``out`` (same shape, contiguous)."""
+    _check_ln(x, weight, bias, x.shape[-1], (out, tuple(x.shape)))
+    layer_norm_raw(x, weight, bias, eps, out, out, False, torch.get_num_threads())
+
+
+def layer_norm_raw(x, weight, bias, eps, out_lo, out_hi, split: bool, threads: int) -> None:
+    """The native LayerNorm without checks (callers that own the buffers): ``split`` scatters the halves
+    as ``layer_norm_split`` does, else the whole row goes to ``out_lo``. ``x``: (..., d) contiguous."""
     d = x.shape[-1]
-    _check_ln(x, weight, bias, d, (out, tuple(x.shape)))
-    rows = x.numel() // d
-    _ext.layer_norm_f32(x.data_ptr(), 1, 1, rows, d, weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(),
-                        out.data_ptr(), d, False, torch.get_num_threads())
+    if split:
+        b, c, n, _ = x.shape
+        _ext.layer_norm_f32(x.data_ptr(), b, c, n, d, weight.data_ptr(), bias.data_ptr(), eps, out_lo.data_ptr(),
+                            out_hi.data_ptr(), d // 2, True, threads)
+    else:
+        _ext.layer_norm_f32(x.data_ptr(), 1, 1, x.numel() // d, d, weight.data_ptr(), bias.data_ptr(), eps,
+                            out_lo.data_ptr(), out_lo.data_ptr(), d, False, threads)
 
 
 def _check_ln(x, weight, bias, d, *outs):

@@ -82,29 +82,35 @@ def _setting(env: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 # -- weights in the layout each step wants, cached per layer ------------------------------------------------
-def _params(layer) -> dict[str, torch.Tensor]:
-    s, t = layer.self_attn_s, layer.self_attn_t
-    return {"in_s": s.in_proj_weight, "in_s_b": s.in_proj_bias, "in_t": t.in_proj_weight,
-            "in_t_b": t.in_proj_bias, "out_s": s.out_proj.weight, "out_s_b": s.out_proj.bias,
-            "out_t": t.out_proj.weight, "out_t_b": t.out_proj.bias, "l1": layer.linear1.weight,
-            "l1_b": layer.linear1.bias, "l2": layer.linear2.weight, "l2_b": layer.linear2.bias,
-            "n1w": layer.norm1.weight, "n1b": layer.norm1.bias, "n2w": layer.norm2.weight, "n2b": layer.norm2.bias}
-
-
+_NAMES = ("in_s", "in_s_b", "in_t", "in_t_b", "out_s", "out_s_b", "out_t", "out_t_b", "l1", "l1_b", "l2", "l2_b",
+          "n1w", "n1b", "n2w", "n2b")
 _GEMMS = ("in_s", "in_t", "out_s", "out_t", "l1", "l2")
+
+
+def _params(layer) -> tuple[torch.Tensor, ...]:
+    """The layer's parameters in ``_NAMES`` order, through the module dicts (``nn.Module.__getattr__`` is slow
+    enough to matter once per layer at batch 1)."""
+    mods = layer._modules
+    sp, tp = mods["self_attn_s"]._parameters, mods["self_attn_t"]._parameters
+    so, to = mods["self_attn_s"]._modules["out_proj"]._parameters, mods["self_attn_t"]._modules["out_proj"]._parameters
+    l1, l2, n1, n2 = (mods[k]._parameters for k in ("linear1", "linear2", "norm1", "norm2"))
+    return (sp["in_proj_weight"], sp["in_proj_bias"], tp["in_proj_weight"], tp["in_proj_bias"], so["weight"],
+            so["bias"], to["weight"], to["bias"], l1["weight"], l1["bias"], l2["weight"], l2["bias"], n1["weight"],
+            n1["bias"], n2["weight"], n2["bias"])
 
 
 class _Weights:
     """One layer's inference weights for one kind: ``fp32``, ``bf16`` (native bf16 GEMMs) or
     ``bf16-rounded`` (float32 holding bf16 values). GEMM weights also come transposed (what ``addmm``
-    takes) and, where oneDNN runs, pre-packed in its blocked layout (saves a reorder in every call)."""
+    takes) and, where oneDNN runs, pre-packed in its blocked layout (saves a reorder in every call).
+    LayerNorm parameters are kept in float32 and in the GEMMs' dtype."""
 
-    def __init__(self, params: dict[str, torch.Tensor], kind: str):
+    def __init__(self, params: tuple[torch.Tensor, ...], kind: str):
         self.dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-        self._norms = {k: params.pop(k).detach() for k in ("n1w", "n1b", "n2w", "n2b")}
-        self._norm_cast: dict[torch.dtype, dict[str, torch.Tensor]] = {}
-        w = {k: p.detach().to(torch.bfloat16 if kind != "fp32" else torch.float32).to(self.dtype)
-             for k, p in params.items()}
+        p = dict(zip(_NAMES, (t.detach() for t in params)))
+        self.norm = {dt: {k: p[k].to(dt).contiguous() for k in ("n1w", "n1b", "n2w", "n2b")}
+                     for dt in {torch.float32, self.dtype}}
+        w = {k: p[k].to(torch.bfloat16 if kind != "fp32" else torch.float32).to(self.dtype) for k in _NAMES[:12]}
         w["out_b"] = torch.cat((w["out_s_b"], w["out_t_b"]))
         for k in _GEMMS:
             w[k + "_t"] = w[k].t()
@@ -113,43 +119,59 @@ class _Weights:
                 w[k + "_p"] = _reorder_linear_weight(w[k], None)
         self.__dict__.update(w)
 
-    def norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._norm_cast:
-            self._norm_cast[dtype] = {k: p.to(dtype) for k, p in self._norms.items()}
-        return self._norm_cast[dtype][name]
-
 
 def weights(layer, kind: str) -> _Weights:
     """Cached per layer and kind; rebuilt when any parameter changes (storage or version counter). A plain
     attribute, not a buffer: never in the state dict, dropped when pickling (``CrissCrossLayer``)."""
     params = _params(layer)
-    key = tuple((p.data_ptr(), p._version) for p in params.values())
+    key = tuple((p.data_ptr(), p._version) for p in params)
     cache = layer.__dict__.setdefault("_weight_cache", {})
-    if kind not in cache or cache[kind][0] != key:
-        cache[kind] = (key, _Weights(params, kind))
-    return cache[kind][1]
+    hit = cache.get(kind)
+    if hit is None or hit[0] != key:
+        hit = cache[kind] = (key, _Weights(params, kind))
+    return hit[1]
 
 
-# -- reusable buffers of one encoder call --------------------------------------------------------------------
-class Workspace:
-    """Buffers reused by every layer of one call: fresh large tensors in every layer cost page faults."""
+# -- the buffers of one encoder call --------------------------------------------------------------------------
+class Frame:
+    """Buffers (and their views) that every layer of one call reuses, for one input shape and GEMM dtype:
+    fresh multi-MB tensors in every layer cost page faults, and rebuilding views costs time at batch 1."""
 
-    def __init__(self):
-        self.bufs: dict[str, torch.Tensor] = {}
+    def __init__(self, b: int, c: int, n: int, d: int, ff: int, dtype: torch.dtype):
+        half, tok = d // 2, b * c * n
+        self.shape, self.tok, self.half, self.d = (b, c, n, d), tok, half, d
+        e = lambda *s: torch.empty(s, dtype=dtype)  # noqa: E731
+        self.h_s, self.h_t = e(b, n, c, half), e(b, c, n, half)  # LayerNorm 1 -> projection inputs
+        self.h_s2, self.h_t2 = self.h_s.view(tok, half), self.h_t.view(tok, half)
+        self.qkv_s, self.qkv_t = e(tok, 3 * half), e(tok, 3 * half)  # blas projection outputs
+        self.attn = e(b, c, n, d)  # cpp attention output
+        self.a2 = self.attn.view(tok, d)
+        self.h = e(tok, d)  # LayerNorm 2
+        self.ffn = e(tok, ff)
+        self.res = (e(tok, d), e(tok, d))  # residual streams, used in turn
+        self.fused_halves = None  # the cpp attention's arguments when it reads the blas outputs
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != dtype:
-            buf = self.bufs[name] = torch.empty(n, dtype=dtype)
-        return buf[:n].view(shape)
+    def views4(self, qkv_s: torch.Tensor, qkv_t: torch.Tensor):
+        b, c, n, _ = self.shape
+        return qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """A buffer for the next residual stream that does not hold ``x`` (two, used in turn)."""
-        name = "res" if "res" not in self.bufs or self.bufs["res"].data_ptr() != x.data_ptr() else "res2"
-        return self.get(name, tuple(x.shape), x.dtype)
+        """The residual buffer that does not hold ``x``."""
+        return self.res[1] if x.data_ptr() == self.res[0].data_ptr() else self.res[0]
+
+
+class Workspace:
+    """The frames of one encoder call (one per shape and GEMM dtype; tuning may meet several)."""
+
+    def __init__(self):
+        self.frames: dict[tuple, Frame] = {}
+
+    def frame(self, shape: tuple[int, ...], ff: int, dtype: torch.dtype) -> Frame:
+        key = (*shape, ff, dtype)
+        fr = self.frames.get(key)
+        if fr is None:
+            fr = self.frames[key] = Frame(*shape, ff, dtype)
+        return fr
 
 
 def _round_bf16_(t: torch.Tensor) -> torch.Tensor:
@@ -162,33 +184,41 @@ def _lp(x, w, b, attr="none"):
     return _linear_pointwise(x, w, b, attr, [], "none" if attr == "gelu" else "")
 
 
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
 # -- the steps ------------------------------------------------------------------------------------------------
-def _qkv(kind, h_s, h_t, w, ws):
+def _qkv(kind, fr: Frame, w):
     if kind == "onednn":
-        return _lp(h_s, w.in_s_p, w.in_s_b), _lp(h_t, w.in_t_p, w.in_t_b)
-    t = h_s.shape[0]
-    return (torch.addmm(w.in_s_b, h_s, w.in_s_t, out=ws.get("qkv_s", (t, w.in_s.shape[0]), h_s.dtype)),
-            torch.addmm(w.in_t_b, h_t, w.in_t_t, out=ws.get("qkv_t", (t, w.in_t.shape[0]), h_s.dtype)))
+        return _lp(fr.h_s2, w.in_s_p, w.in_s_b), _lp(fr.h_t2, w.in_t_p, w.in_t_b)
+    return (torch.addmm(w.in_s_b, fr.h_s2, w.in_s_t, out=fr.qkv_s),
+            torch.addmm(w.in_t_b, fr.h_t2, w.in_t_t, out=fr.qkv_t))
 
 
-def _attn(kind, qkv_s, qkv_t, heads, ws):
-    b, c, n, three = qkv_s.shape
+def _attn(kind, fr: Frame, qkv_s, qkv_t, heads):
+    """-> (tokens, d) matrix [spatial | temporal]."""
     if kind == "cpp":
-        out = ws.get("attn", (b, c, n, 2 * three // 3), qkv_s.dtype)
-        return cpu.criss_cross_attention_cpu(qkv_s, qkv_t, heads, out=out)
-    return reference.criss_cross_attention(qkv_s, qkv_t, heads)
+        if qkv_s is fr.qkv_s and qkv_t is fr.qkv_t:  # the blas outputs: the arguments are fixed per call
+            if fr.fused_halves is None:
+                fr.fused_halves = cpu.attention_args(*fr.views4(qkv_s, qkv_t), fr.attn)
+            cpu.attention_raw(fr.fused_halves, heads, fr.half // heads, _threads())
+        else:
+            cpu.attention_raw(cpu.attention_args(*fr.views4(qkv_s, qkv_t), fr.attn), heads, fr.half // heads,
+                              _threads())
+        return fr.a2
+    return reference.criss_cross_attention(*fr.views4(qkv_s, qkv_t), heads).reshape(fr.tok, fr.d)
 
 
-def _ffn1(kind, h, w, ws):
+def _ffn1(kind, fr: Frame, h, w):
     if kind == "onednn+gelu":
         return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
     if kind == "onednn,gelu":
         f = _lp(h, w.l1_p, w.l1_b)
         return cpu.bias_gelu_(f) if cpu.available() else torch._C._nn.gelu_(f)
-    f = ws.get("ffn", (h.shape[0], w.l1.shape[0]), h.dtype)
-    if cpu.available():  # bias added in the GELU pass instead of a broadcast copy before the GEMM
-        return cpu.bias_gelu_(torch.mm(h, w.l1_t, out=f), w.l1_b)
-    return torch._C._nn.gelu_(torch.addmm(w.l1_b, h, w.l1_t, out=f))
+    if cpu.available() and h.dtype == torch.float32:  # the bias rides on the GELU pass, not a broadcast copy
+        return cpu.bias_gelu_(torch.mm(h, w.l1_t, out=fr.ffn), w.l1_b)
+    return torch._C._nn.gelu_(torch.addmm(w.l1_b, h, w.l1_t, out=fr.ffn))
 
 
 def _ffn2(kind, f, x, w):
@@ -213,47 +243,46 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> 
     emulate = precision == "bf16-emulated"
     stream = x.dtype
     x = (x.float() if emulate else x).contiguous()
-    b, c, n, d = x.shape
-    half, tok = d // 2, b * c * n
     cd = w.dtype  # the GEMMs' dtype
+    fr = ws.frame(tuple(x.shape), w.l1.shape[0], cd)
+    tok, d, half = fr.tok, fr.d, fr.half
     native_ln = cpu.available() and x.dtype == cd == torch.float32
+    nx = w.norm[x.dtype]
     # LayerNorm 1 straight into the projections' inputs, the spatial half in (B, N, C) row order: its
     # attention sequences are then contiguous.
-    h_s, h_t = ws.get("h_s", (b, n, c, half), cd), ws.get("h_t", (b, c, n, half), cd)
     if native_ln:
-        cpu.layer_norm_split(x, w.norm("n1w", x.dtype), w.norm("n1b", x.dtype), layer.norm1.eps, h_s, h_t)
+        cpu.layer_norm_raw(x, nx["n1w"], nx["n1b"], layer.norm1.eps, fr.h_s, fr.h_t, True, _threads())
     else:
-        h = F.layer_norm(x, (d,), w.norm("n1w", x.dtype), w.norm("n1b", x.dtype), layer.norm1.eps)
-        h_s.copy_(h[..., :half].transpose(1, 2))
-        h_t.copy_(h[..., half:])
+        h = F.layer_norm(x, (d,), nx["n1w"], nx["n1b"], layer.norm1.eps)
+        fr.h_s.copy_(h[..., :half].transpose(1, 2))
+        fr.h_t.copy_(h[..., half:])
     if emulate:
-        _round_bf16_(h_s)
-        _round_bf16_(h_t)
-    h_t = h_t.view(tok, half)
-    qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, h_s.view(tok, half), h_t, w, ws))
-    qkv_s, qkv_t = qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1)
-    a = choose("attn", lambda k: _attn(k, qkv_s, qkv_t, layer.heads, ws)).reshape(tok, d)
+        _round_bf16_(fr.h_s)
+        _round_bf16_(fr.h_t)
+    qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, fr, w))
+    a = choose("attn", lambda k: _attn(k, fr, qkv_s, qkv_t, layer.heads))
     if emulate:
         a = _round_bf16_(a.contiguous())
+    x2 = x.view(tok, d)
     if a.dtype == x.dtype:
         # x + out_proj(a): the bias add makes the new residual, the two GEMMs accumulate into it.
-        x = torch.add(x.view(tok, d), w.out_b, out=ws.residual(x.view(tok, d)))
+        x = torch.add(x2, w.out_b, out=fr.residual(x2))
         x[:, :half].addmm_(a[:, :half], w.out_s_t)
         x[:, half:].addmm_(a[:, half:], w.out_t_t)
     else:  # bf16 GEMMs over a float32 stream (autocast): bf16 outputs added in float32, as autocast does
         o = torch.cat((_lp(a[:, :half], w.out_s_p, w.out_s_b), _lp(a[:, half:], w.out_t_p, w.out_t_b)), -1)
-        x = x.view(tok, d) + o
+        x = x2 + o
     if native_ln:
-        h = ws.get("h", (tok, d), cd)
-        cpu.layer_norm(x, w.norm("n2w", x.dtype), w.norm("n2b", x.dtype), layer.norm2.eps, h)
+        cpu.layer_norm_raw(x, nx["n2w"], nx["n2b"], layer.norm2.eps, fr.h, fr.h, False, _threads())
+        h = fr.h
     else:
-        h = F.layer_norm(x, (d,), w.norm("n2w", x.dtype), w.norm("n2b", x.dtype), layer.norm2.eps).to(cd)
+        h = F.layer_norm(x, (d,), nx["n2w"], nx["n2b"], layer.norm2.eps).to(cd)
     if emulate:
         _round_bf16_(h)
-    f = choose("ffn1", lambda k: _ffn1(k, h, w, ws))
+    f = choose("ffn1", lambda k: _ffn1(k, fr, h, w))
     if emulate:
         _round_bf16_(f)
-    x = choose("ffn2", lambda k, copy=False: _ffn2(k, f, x.clone() if copy else x, w)).view(b, c, n, d)
+    x = choose("ffn2", lambda k, copy=False: _ffn2(k, f, x.clone() if copy else x, w)).view(fr.shape)
     if emulate and stream == torch.bfloat16:
         return x.to(stream)  # a bf16 model's stream is bf16 between layers
     return x
