@@ -150,21 +150,34 @@ class Frame:
         self.ffn = e(tok, ff)
         self.res = (e(tok, d), e(tok, d))  # residual streams, used in turn
         self.fused_halves = None  # the cpp attention's arguments when it reads the blas outputs
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.h_s, self.h_t, self.qkv_s, self.qkv_t,
+                                                                 self.attn, self.h, self.ffn, *self.res))
 
     def views4(self, qkv_s: torch.Tensor, qkv_t: torch.Tensor):
         b, c, n, _ = self.shape
         return qkv_s.view(b, n, c, -1).transpose(1, 2), qkv_t.view(b, c, n, -1)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """The residual buffer that does not hold ``x``."""
+    def residual(self, x: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """The residual buffer that does not hold ``x``; a fresh tensor for the last layer (the call's output
+        must not be a buffer the next call overwrites)."""
+        if last:
+            return torch.empty_like(x)
         return self.res[1] if x.data_ptr() == self.res[0].data_ptr() else self.res[0]
 
 
+KEEP_BYTES = 64 << 20  # buffers kept between calls up to this size; bigger calls give theirs back
+
+
 class Workspace:
-    """The frames of one encoder call (one per shape and GEMM dtype; tuning may meet several)."""
+    """The frames of the encoder calls of one thread (one per shape and GEMM dtype; tuning may meet several)."""
 
     def __init__(self):
         self.frames: dict[tuple, Frame] = {}
+
+    def trim(self, keep_bytes: int) -> None:
+        """Keep only the most recent frame, and only if it is at most ``keep_bytes``."""
+        last = list(self.frames.items())[-1:]
+        self.frames = {k: f for k, f in last if f.nbytes <= keep_bytes}
 
     def frame(self, shape: tuple[int, ...], ff: int, dtype: torch.dtype) -> Frame:
         key = (*shape, ff, dtype)
@@ -233,11 +246,11 @@ def _ffn2(kind, f, x, w):
 _KIND = {"fp32": "fp32", "bf16-native": "bf16", "bf16-emulated": "bf16-rounded"}
 
 
-def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> torch.Tensor:
+def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace, last: bool = False) -> torch.Tensor:
     """One criss-cross layer (the math of ``CrissCrossLayer.forward`` in eval mode); ``x``: (B, C, N, d).
 
     ``choose(step, fn)`` returns ``fn(candidate)`` for the candidate the plan names (``Plan.choose``), or
-    times every candidate first (tuning).
+    times every candidate first (tuning). ``last``: the result must not live in a workspace buffer.
     """
     w = weights(layer, _KIND[precision])
     emulate = precision == "bf16-emulated"
@@ -266,7 +279,7 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace) -> 
     x2 = x.view(tok, d)
     if a.dtype == x.dtype:
         # x + out_proj(a): the bias add makes the new residual, the two GEMMs accumulate into it.
-        x = torch.add(x2, w.out_b, out=fr.residual(x2))
+        x = torch.add(x2, w.out_b, out=fr.residual(x2, last))
         x[:, :half].addmm_(a[:, :half], w.out_s_t)
         x[:, half:].addmm_(a[:, half:], w.out_t_t)
     else:  # bf16 GEMMs over a float32 stream (autocast): bf16 outputs added in float32, as autocast does

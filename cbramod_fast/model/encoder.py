@@ -12,6 +12,7 @@ step on the implementation measured fastest on this CPU (see there).
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,19 @@ class Encoder(nn.Module):
             for layer in self.layers:
                 x = layer(x, backend)
             return x
-        ws = cpu_path.Workspace()
-        for layer in self.layers:
-            x = cpu_path.run_layer(layer, x, plan.precision, plan.choose, ws)
+        ws = self._workspace()
+        for i, layer in enumerate(self.layers):
+            x = cpu_path.run_layer(layer, x, plan.precision, plan.choose, ws, last=i == len(self.layers) - 1)
+        ws.trim(cpu_path.KEEP_BYTES)
         return x
+
+    def _workspace(self) -> cpu_path.Workspace:
+        # Buffers kept between calls (a call's first touch of fresh memory costs page faults), one set per
+        # thread so that concurrent inference calls never share them; the output is never one of them.
+        spaces = self.__dict__.setdefault("_cpu_workspaces", {})
+        return spaces.setdefault(threading.get_ident(), cpu_path.Workspace())
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_cpu_workspaces", None)  # scratch buffers: neither pickled nor deep-copied
+        return state
