@@ -99,8 +99,13 @@ def bias_gelu_(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tenso
                              or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous float32 ({x.shape[1]},) tensor, got {bias.dtype} "
                          f"{tuple(bias.shape)}")
+    return bias_gelu_raw(x, bias, torch.get_num_threads())
+
+
+def bias_gelu_raw(x: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """``bias_gelu_`` without checks (callers that own the buffers)."""
     _ext.bias_gelu_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), 0 if bias is None else bias.data_ptr(),
-                       torch.get_num_threads())
+                       threads)
     return x
 
 

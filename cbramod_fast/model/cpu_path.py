@@ -197,10 +197,6 @@ def _lp(x, w, b, attr="none"):
     return _linear_pointwise(x, w, b, attr, [], "none" if attr == "gelu" else "")
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
 # -- the steps ------------------------------------------------------------------------------------------------
 def _qkv(kind, fr: Frame, w):
     if kind == "onednn":
@@ -209,28 +205,29 @@ def _qkv(kind, fr: Frame, w):
             torch.addmm(w.in_t_b, fr.h_t2, w.in_t_t, out=fr.qkv_t))
 
 
-def _attn(kind, fr: Frame, qkv_s, qkv_t, heads):
+def _attn(kind, fr: Frame, qkv_s, qkv_t, heads, threads):
     """-> (tokens, d) matrix [spatial | temporal]."""
     if kind == "cpp":
         if qkv_s is fr.qkv_s and qkv_t is fr.qkv_t:  # the blas outputs: the arguments are fixed per call
             if fr.fused_halves is None:
                 fr.fused_halves = cpu.attention_args(*fr.views4(qkv_s, qkv_t), fr.attn)
-            cpu.attention_raw(fr.fused_halves, heads, fr.half // heads, _threads())
+            args = fr.fused_halves
         else:
-            cpu.attention_raw(cpu.attention_args(*fr.views4(qkv_s, qkv_t), fr.attn), heads, fr.half // heads,
-                              _threads())
+            args = cpu.attention_args(*fr.views4(qkv_s, qkv_t), fr.attn)
+        cpu.attention_raw(args, heads, fr.half // heads, threads)
         return fr.a2
     return reference.criss_cross_attention(*fr.views4(qkv_s, qkv_t), heads).reshape(fr.tok, fr.d)
 
 
-def _ffn1(kind, fr: Frame, h, w):
+def _ffn1(kind, fr: Frame, h, w, threads):
     if kind == "onednn+gelu":
         return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
+    native = cpu.available() and h.dtype == torch.float32
     if kind == "onednn,gelu":
         f = _lp(h, w.l1_p, w.l1_b)
-        return cpu.bias_gelu_(f) if cpu.available() else torch._C._nn.gelu_(f)
-    if cpu.available() and h.dtype == torch.float32:  # the bias rides on the GELU pass, not a broadcast copy
-        return cpu.bias_gelu_(torch.mm(h, w.l1_t, out=fr.ffn), w.l1_b)
+        return cpu.bias_gelu_raw(f, None, threads) if native else torch._C._nn.gelu_(f)
+    if native:  # the bias rides on the GELU pass, not on a broadcast copy before the GEMM
+        return cpu.bias_gelu_raw(torch.mm(h, w.l1_t, out=fr.ffn), w.l1_b, threads)
     return torch._C._nn.gelu_(torch.addmm(w.l1_b, h, w.l1_t, out=fr.ffn))
 
 
@@ -246,12 +243,14 @@ def _ffn2(kind, f, x, w):
 _KIND = {"fp32": "fp32", "bf16-native": "bf16", "bf16-emulated": "bf16-rounded"}
 
 
-def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace, last: bool = False) -> torch.Tensor:
+def run_layer(layer, x: torch.Tensor, plan, ws: Workspace, last: bool = False) -> torch.Tensor:
     """One criss-cross layer (the math of ``CrissCrossLayer.forward`` in eval mode); ``x``: (B, C, N, d).
 
-    ``choose(step, fn)`` returns ``fn(candidate)`` for the candidate the plan names (``Plan.choose``), or
-    times every candidate first (tuning). ``last``: the result must not live in a workspace buffer.
+    ``plan``: a ``Plan`` (or the tuner, which times every candidate first): its ``precision``, its
+    ``native_threads`` and ``choose(step, fn)``, which returns ``fn(candidate)``. ``last``: the result must
+    not live in a workspace buffer.
     """
+    precision, choose, threads = plan.precision, plan.choose, plan.native_threads
     w = weights(layer, _KIND[precision])
     emulate = precision == "bf16-emulated"
     stream = x.dtype
@@ -264,7 +263,7 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace, las
     # LayerNorm 1 straight into the projections' inputs, the spatial half in (B, N, C) row order: its
     # attention sequences are then contiguous.
     if native_ln:
-        cpu.layer_norm_raw(x, nx["n1w"], nx["n1b"], layer.norm1.eps, fr.h_s, fr.h_t, True, _threads())
+        cpu.layer_norm_raw(x, nx["n1w"], nx["n1b"], layer.norm1.eps, fr.h_s, fr.h_t, True, threads)
     else:
         h = F.layer_norm(x, (d,), nx["n1w"], nx["n1b"], layer.norm1.eps)
         fr.h_s.copy_(h[..., :half].transpose(1, 2))
@@ -273,7 +272,7 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace, las
         _round_bf16_(fr.h_s)
         _round_bf16_(fr.h_t)
     qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, fr, w))
-    a = choose("attn", lambda k: _attn(k, fr, qkv_s, qkv_t, layer.heads))
+    a = choose("attn", lambda k: _attn(k, fr, qkv_s, qkv_t, layer.heads, threads))
     if emulate:
         a = _round_bf16_(a.contiguous())
     x2 = x.view(tok, d)
@@ -286,13 +285,13 @@ def run_layer(layer, x: torch.Tensor, precision: str, choose, ws: Workspace, las
         o = torch.cat((_lp(a[:, :half], w.out_s_p, w.out_s_b), _lp(a[:, half:], w.out_t_p, w.out_t_b)), -1)
         x = x2 + o
     if native_ln:
-        cpu.layer_norm_raw(x, nx["n2w"], nx["n2b"], layer.norm2.eps, fr.h, fr.h, False, _threads())
+        cpu.layer_norm_raw(x, nx["n2w"], nx["n2b"], layer.norm2.eps, fr.h, fr.h, False, threads)
         h = fr.h
     else:
         h = F.layer_norm(x, (d,), nx["n2w"], nx["n2b"], layer.norm2.eps).to(cd)
     if emulate:
         _round_bf16_(h)
-    f = choose("ffn1", lambda k: _ffn1(k, fr, h, w))
+    f = choose("ffn1", lambda k: _ffn1(k, fr, h, w, threads))
     if emulate:
         _round_bf16_(f)
     x = choose("ffn2", lambda k, copy=False: _ffn2(k, f, x.clone() if copy else x, w)).view(fr.shape)
@@ -309,6 +308,7 @@ class Plan:
     attn: str = "-"
     ffn1: str = "-"
     ffn2: str = "-"
+    native_threads: int = 1  # threads of the C++ kernels (LayerNorm, attention, GELU)
     measured: bool = False  # chosen by timing (False: forced, or one candidate per step)
 
     def choose(self, step: str, fn):
@@ -317,7 +317,7 @@ class Plan:
     def describe(self) -> str:
         how = "measured" if self.measured else "fixed"
         steps = "" if self.precision == "plain" else \
-            f" qkv={self.qkv} attn={self.attn} ffn1={self.ffn1} ffn2={self.ffn2}"
+            f" qkv={self.qkv} attn={self.attn} ffn1={self.ffn1} ffn2={self.ffn2} native_threads={self.native_threads}"
         return (f"{self.precision}{steps} ({how}; {torch.get_num_threads()} threads, "
                 f"{torch.backends.cpu.get_cpu_capability()})")
 
@@ -401,7 +401,8 @@ def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
         return plan
     options = {p: candidates(p, stream_fp32, path, attention) for p in precisions}
     if len(precisions) == 1 and all(len(v) == 1 for v in options[precisions[0]].values()):
-        plan = Plan(precisions[0], **{k: v[0] for k, v in options[precisions[0]].items()}, measured=False)
+        plan = Plan(precisions[0], **{k: v[0] for k, v in options[precisions[0]].items()},
+                    native_threads=torch.get_num_threads())
     else:
         # bf16 through plain ops is ATen's slow bf16 fallback where oneDNN has no bf16: not worth timing
         plan = _measure(layer, x[:min(b, bucket)], options, plain=path == "auto" and (
@@ -410,32 +411,44 @@ def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
     return plan
 
 
+class _Tuner:
+    """Runs a layer like a plan, but times every candidate of a step first and keeps the fastest."""
+
+    def __init__(self, precision: str, options: dict[str, list[str]], native_threads: int):
+        self.precision, self.options, self.native_threads = precision, options, native_threads
+        self.chosen: dict[str, str] = {}
+
+    def choose(self, step: str, fn):
+        opts = self.options[step]
+        if len(opts) > 1:
+            # ffn2's blas candidate updates the residual in place: every ffn2 candidate is timed on a copy
+            args = (True,) if step == "ffn2" else ()
+            times = {k: _time(lambda k=k: fn(k, *args)) for k in opts}
+            self.chosen[step] = min(times, key=times.get)
+        else:
+            self.chosen[step] = opts[0]
+        return fn(self.chosen[step])
+
+
 def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
     """Time every candidate of every step on one layer (min of 3 after a warm-up), per precision; then the
-    whole layer with each precision's winners, and keep the fastest. With ``plain``, the layer's own forward
-    (the training path's plain ops, about the original's speed) competes too: the plan is never slower
-    than it on the measured shape."""
+    whole layer with each precision's winners, with the C++ kernels on all torch threads and on one (when
+    torch runs more: OpenMP's workers keep spinning after a parallel GEMM and slow down other threads), and
+    keep the fastest. With ``plain``, the layer's own forward (the training path's plain ops, about the
+    original's speed) competes too: the plan is never slower than it on the measured shape."""
     best: tuple[float, Plan] | None = None
     if plain:
         best = (_time(lambda: layer(x)), Plan("plain", measured=True))
+    threads = torch.get_num_threads()
     for precision, opts in options.items():
-        chosen: dict[str, str] = {}
-
-        def tune(step, fn, opts=opts, chosen=chosen):
-            if len(opts[step]) > 1:
-                # ffn2's blas candidate updates the residual in place: time every ffn2 candidate on a copy
-                args = (True,) if step == "ffn2" else ()
-                times = {k: _time(lambda k=k: fn(k, *args)) for k in opts[step]}
-                chosen[step] = min(times, key=times.get)
-            else:
-                chosen[step] = opts[step][0]
-            return fn(chosen[step])
-
         ws = Workspace()
-        run_layer(layer, x, precision, lambda step, fn: fn(opts[step][0]), ws)  # warm-up
-        run_layer(layer, x, precision, tune, ws)
-        plan = Plan(precision, measured=True, **chosen)
-        t = _time(lambda: run_layer(layer, x, precision, plan.choose, ws))
-        if best is None or t < best[0]:
-            best = (t, plan)
+        first = Plan(precision, **{k: v[0] for k, v in opts.items()}, native_threads=threads)
+        run_layer(layer, x, first, ws)  # warm-up: weight packing, buffers
+        tuner = _Tuner(precision, opts, threads)
+        run_layer(layer, x, tuner, ws)
+        for n in sorted({threads, 1}, reverse=True):
+            plan = Plan(precision, **tuner.chosen, native_threads=n, measured=True)
+            t = _time(lambda: run_layer(layer, x, plan, ws))
+            if best is None or t < best[0]:
+                best = (t, plan)
     return best[1]

@@ -105,7 +105,7 @@ class Encoder(nn.Module):
             return x
         ws = self._workspace()
         for i, layer in enumerate(self.layers):
-            x = cpu_path.run_layer(layer, x, plan.precision, plan.choose, ws, last=i == len(self.layers) - 1)
+            x = cpu_path.run_layer(layer, x, plan, ws, last=i == len(self.layers) - 1)
         ws.trim(cpu_path.KEEP_BYTES)
         return x
 
