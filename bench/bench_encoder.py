@@ -4,7 +4,8 @@
     CBRAMOD_BENCH_PRESET=base CBRAMOD_BENCH_BATCH=64 pytest bench/bench_encoder.py --benchmark-only  # GPU
 
 Same harness as ``cbramod-fast bench`` (same models, weights, real ECG input and step functions); results
-are grouped per (mode, dtype) so pytest-benchmark prints the variants side by side. The Triton backend is
+are grouped per (mode, dtype) so pytest-benchmark prints the variants side by side; on CPU the fast model's
+``cpu_path`` (what its calls ran) goes into each result's ``extra_info``. The Triton backend is
 timed on CUDA only (under the CPU interpreter it is a correctness tool, not a speed). For the interleaved,
 quantile-reporting comparison behind the result tables use ``cbramod-fast bench``.
 """
@@ -73,3 +74,5 @@ def test_encoder(benchmark, models, inputs, variant, mode, dtype):
     benchmark.extra_info.update({"flops": model_flops(PRESETS[PRESET], C, N, BATCH, mode),
                                  "batch": BATCH, "threads": torch.get_num_threads()})
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    if DEVICE == "cpu" and backend:  # what the timed calls of our model ran (None for training steps)
+        benchmark.extra_info["cpu_path"] = model.cpu_path

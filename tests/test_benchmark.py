@@ -21,6 +21,7 @@ from cbramod_fast import CBraMod, cli, kernels
 from cbramod_fast.benchmark import config, device, harness, inputs, report
 from cbramod_fast.errors import UsageError
 from cbramod_fast.kernels import reference as kref
+from cbramod_fast.model import cpu_path
 from cbramod_fast.model.config import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,6 +214,17 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
     assert "| mode | C×N | batch | variant |" in md and md.count("| cbramod-fast (torch) |") == 8
     printed = capsys.readouterr().out
     assert "| mode | C×N |" in printed and f"{stem}.json" in printed
+    # Every variant ran (bf16 included, on CPUs without native bf16 GEMMs too) and each CPU inference row of
+    # our model records the path its timed calls took, in its own precision although fp32 and bf16 share
+    # the model instance.
+    bf16_kind = "bf16-native" if cpu_path.onednn_bf16_available() else "bf16-emulated"
+    for r in rows:
+        assert not r["failed"]
+        if r["model"] == "fast" and r["mode"] == "infer":
+            assert r["cpu_path"].startswith("fp32 " if r["dtype"] == "fp32" else bf16_kind + " "), r["cpu_path"]
+            assert f"`{r['cpu_path']}`" in md and f"`{r['cpu_path']}`" in printed
+        else:
+            assert r["cpu_path"] is None  # the reference, and training steps (no inference plan)
 
 
 @pytest.mark.gpu
@@ -406,3 +418,66 @@ def test_a_failing_variant_is_recorded_and_the_rest_measured(monkeypatch, tmp_pa
     assert bad["failed"] == "warm-up: RuntimeError: inductor broke" and not bad["timed"] and bad["latency_s"] is None
     assert rows["reference"]["repeats"] == 2 and rows["fast[torch]"]["repeats"] == 2
     assert "cbramod-fast (torch) + torch.compile, FAILED in warm-up" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_each_group_is_written_when_it_finishes(monkeypatch, tmp_path):
+    # A run stopped in a later group (a time limit, a crash) keeps the groups it finished, marked partial.
+    real, calls = harness.bench_group, []
+
+    def second_group_dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped in group 2")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(harness, "bench_group", second_group_dies)
+    cfg = config.BenchConfig(preset="tiny", shapes=((3, 2),), batches=(1, 2), dtypes=("fp32",), repeats=2,
+                             quiet=True, threads=1, out=str(tmp_path))
+    with pytest.raises(RuntimeError, match="group 2"):
+        harness.run_bench(cfg, on_group=lambda d: report.write_results(d, tmp_path))
+    (path,) = tmp_path.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["partial"] == {"groups_done": 1, "groups": 2}
+    assert {r["batch"] for r in doc["results"]} == {1} and all(r["latency_s"] for r in doc["results"])
+    assert "**partial run**: 1 of 2 groups" in path.with_suffix(".md").read_text()
+    # a complete run: every group handed over but the last, the final document not partial
+    monkeypatch.setattr(harness, "bench_group", real)
+    seen = []
+    doc = harness.run_bench(cfg, on_group=lambda d: seen.append(json.loads(json.dumps(d))))
+    assert [d["partial"]["groups_done"] for d in seen] == [1] and "partial" not in doc
+    assert {r["batch"] for r in seen[0]["results"]} == {1} and len(doc["results"]) == 2 * len(seen[0]["results"])
+
+
+def _class_doc(uarch: str, threads: int, created: str, p50: dict, original: bool = True) -> dict:
+    """A result document with the fields the per-CPU-class table reads; p50 maps (model, C, N, batch, dtype)."""
+    rows = [{"model": m, "mode": "infer", "compile": None, "channels": c, "patches": n, "batch": b, "dtype": dt,
+             "latency_s": {"p50": v}} for (m, c, n, b, dt), v in p50.items()]
+    return {"schema": config.SCHEMA, "created": created, "results": rows,
+            "device": {"type": "cpu", "name": "AMD EPYC", "uarch": uarch, "torch_threads": threads},
+            "args": {"original": "/src/CBraMod" if original else None}}
+
+
+def test_cpu_class_table_is_computed_from_the_result_files(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_report", REPO / "bench" / "report.py")
+    bench_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_report)
+    full = {("fast", 19, 30, 1, "fp32"): 0.020, ("original", 19, 30, 1, "fp32"): 0.030,
+            ("fast", 19, 30, 8, "fp32"): 0.100, ("original", 19, 30, 8, "fp32"): 0.170,
+            ("fast", 12, 10, 1, "fp32"): 0.010, ("original", 12, 10, 1, "fp32"): 0.012,
+            ("fast", 19, 30, 8, "bf16"): 0.050, ("original", 19, 30, 8, "bf16"): 0.080}  # no 12x10 B=8
+    docs = [
+        (tmp_path / "cpu-zen3_base_infer_19x30-12x10_original.json", _class_doc("Zen 3", 2, "2026-01-02", full)),
+        # fewer cells (and newer): not the one the row takes
+        (tmp_path / "cpu-zen3_base_infer_19x30_original.json",
+         _class_doc("Zen 3", 1, "2026-02-01", {k: v for k, v in full.items() if k[1:3] == (19, 30) and k[3] == 8})),
+        (tmp_path / "cpu-zen4_base_infer_19x30.json", _class_doc("Zen 4", 2, "2026-01-01", full, original=False)),
+        (tmp_path / "cuda-nvidia-h200_base_train_19x30.json", {**_class_doc(None, 1, "2026-01-01", full),
+                                                               "device": {"type": "cuda", "name": "H200"}}),
+    ]
+    lines = bench_report.render_cpu_classes(docs, tmp_path).splitlines()
+    assert len(lines) == 4  # heading, rule, Zen 3, Zen 4; the GPU file is not a CPU class
+    zen3 = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert zen3 == ["AMD EPYC (Zen 3)", "1.50", "1.70", "1.20", "–", "1.60", "3.40", "2",
+                    "[`cpu-zen3_base_infer_19x30-12x10_original`](cpu-zen3_base_infer_19x30-12x10_original.json)"]
+    assert lines[3].startswith("| AMD EPYC (Zen 4) | – |") and "no run with `--original` yet" in lines[3]
+    assert bench_report.cpu_class(docs[0][0]) == "cpu-zen3" and bench_report.cpu_class(docs[3][0]) is None

@@ -12,7 +12,7 @@ import sys
 from ..model.config import PRESETS
 from .config import AUTO_BUDGET_S, AUTO_MAX, AUTO_MIN, COMPILE_TAGS, config_from_args
 from .harness import run_bench
-from .report import markdown_header, markdown_table, summary_table, write_results
+from .report import cpu_path_lines, markdown_header, markdown_table, summary_table, write_results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,11 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    doc = run_bench(cfg)
+    # Written after every group too: a run stopped by a time limit keeps the groups it finished.
+    doc = run_bench(cfg, on_group=lambda partial: write_results(partial, cfg.out))
     paths = write_results(doc, cfg.out, plot=cfg.plot)
     print(markdown_header(doc))
     print()
     print(markdown_table(doc))
+    if cpu_path_lines(doc):
+        print()
+        print(cpu_path_lines(doc))
     if doc.get("summary"):
         print()
         print(summary_table(doc["summary"]))

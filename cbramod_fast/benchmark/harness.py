@@ -24,6 +24,12 @@ Measurement definitions (also written into every result file, :func:`definitions
   ``torch.profiler(profile_memory=True)`` (RSS is useless here: glibc keeps freed pages).
 - error: relative L2 error ``|y - y_ref| / |y_ref|`` of the output (and, for ``train``, of all parameter
   gradients, dropout off) against the reference model in fp32 on the same input.
+- CPU path: for the fast model on CPU, ``model.cpu_path`` read after each timed call (what that call ran:
+  precision and each layer step's implementation, measured per CPU); None when the call took no CPU
+  inference plan (training, a whole-model ``torch.compile`` graph).
+
+Results are handed to ``on_group`` after every (shape, batch, mode) group, so a run that is stopped (a time
+limit, a crash in a later group) still leaves the groups it finished.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class Variant:
     compile: str | None = None  # a COMPILE_TAGS key, or None for eager
     eager: nn.Module | None = None  # the uncompiled module (the train-mode error check runs it)
     failed: str | None = None  # where and why the variant failed (it is then untimed)
+    cpu_paths: dict[str | None, int] = field(default_factory=dict)  # CPU: model.cpu_path per timed call
 
 
 def build_models(cfg: BenchConfig) -> dict[str, Callable[[], nn.Module]]:
@@ -201,6 +208,33 @@ def step_fn(v: Variant, x: torch.Tensor, mask: torch.Tensor, mode: str, device: 
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _cpu_path_model(v: Variant) -> nn.Module | None:
+    """The fast model behind ``v`` (through a ``torch.compile`` wrapper), whose ``cpu_path`` says what its last
+    CPU inference call ran; None for the other models."""
+    if v.model_kind != "fast" or v.model is None:
+        return None
+    return getattr(v.model, "_orig_mod", v.model)
+
+
+def _cpu_path_call(v: Variant, step) -> tuple[float, float]:
+    """A timed CPU call, and the CPU path it ran. The infer variants of a model share its instance (fp32 and
+    bf16, eager and compiled), so the last call's report is cleared first: a call that takes no CPU plan (a
+    compiled graph) then reads None, not the previous variant's path. Both outside the timed interval."""
+    m = _cpu_path_model(v)
+    if m is not None:
+        m.encoder.last_cpu_path = None
+    wall, cpu = _timed_call_cpu(step)
+    if m is not None:
+        v.cpu_paths[m.cpu_path] = v.cpu_paths.get(m.cpu_path, 0) + 1
+    return wall, cpu
+
+
+def _cpu_path_text(v: Variant) -> str | None:
+    # Several only if the plan changed between calls (it is cached per shape bucket, dtype and threads).
+    paths = list(v.cpu_paths)
+    return " | ".join(str(p) for p in paths) if len(paths) > 1 else (paths[0] if paths else None)
 
 
 def _timed_call_cpu(step) -> tuple[float, float]:
@@ -408,7 +442,7 @@ def bench_group(cfg: BenchConfig, models: dict[str, Callable[[], nn.Module]], x:
         order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []  # rotate: no fixed slot
         for v in order:
             if device == "cpu":
-                wall, cpu = _timed_call_cpu(steps[id(v)])
+                wall, cpu = _cpu_path_call(v, steps[id(v)])
                 v.samples.append(wall)
                 v.cpu_samples.append(cpu)
             else:
@@ -426,7 +460,8 @@ def _row(cfg: BenchConfig, v: Variant, c: int, n: int, batch: int, mode: str, pe
            "channels": c, "patches": n, "batch": batch, "timed": v.timed, "repeats": len(v.samples),
            "flops": flops, "rel_err_vs_fp32_reference": v.rel_err,
            "grad_rel_err_vs_fp32_reference": v.grad_rel_err, "peak_mem_bytes": v.peak_mem,
-           "first_call_s": v.first_call_s, "note": v.note, "failed": v.failed}
+           "first_call_s": v.first_call_s, "note": v.note, "failed": v.failed,
+           "cpu_path": _cpu_path_text(v)}
     if v.samples:
         lat = quantiles(v.samples)
         peak = peaks.get(v.dtype)
@@ -475,20 +510,21 @@ def add_speedups(rows: list[dict]) -> None:
             r["speedup_vs_reference_cpu_time"] = same["cpu_time_s"]["p50"] / r["cpu_time_s"]["p50"]
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    """Run every group of ``cfg``; returns the result document (what is written as JSON)."""
+def run_bench(cfg: BenchConfig, on_group: Callable[[dict], None] | None = None) -> dict:
+    """Run every group of ``cfg``; returns the result document (what is written as JSON). ``on_group`` gets
+    the document so far after each group but the last (``partial`` says how many groups it holds)."""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     threads_before = torch.get_num_threads()
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.threads or auto_threads())
     try:
-        return _run_bench(cfg, created, load_before)
+        return _run_bench(cfg, created, load_before, on_group)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
+def _run_bench(cfg: BenchConfig, created: str, load_before, on_group) -> dict:
     from tqdm import tqdm
 
     models = build_models(cfg)
@@ -496,28 +532,38 @@ def _run_bench(cfg: BenchConfig, created: str, load_before) -> dict:
     dev = device_info(cfg.device)
     dev["gemm_flops_measured"] = measure_gemm(cfg.device, cfg.dtypes)
     peaks = dev["peak_flops"]
-    rows: list[dict] = []
-    groups = [(s, b, m) for m in cfg.modes for s in cfg.shapes for b in cfg.batches]
-    with tqdm(groups, desc="bench", unit="group", disable=cfg.quiet, file=sys.stderr) as bar:
-        for (c, n), batch, mode in bar:
-            bar.set_description(f"bench {mode} {c}x{n} batch {batch}")
-            x = make_input(stream, batch, c, n).to(cfg.device)
-            for v in bench_group(cfg, models, x, mode, progress=bar):
-                rows.append(_row(cfg, v, c, n, batch, mode, peaks))
-            if cfg.device == "cuda":
-                torch.cuda.empty_cache()
-    add_speedups(rows)
     mcfg = PRESETS[cfg.preset]
     doc = {
         "schema": SCHEMA, "created": created, "device": dev, "versions": versions(), "git": git_state(),
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "original": ({"path": cfg.original, **git_state(Path(cfg.original))} if cfg.original else None),
-        "load_average": {"before": load_before, "after": os.getloadavg() if load_before else None},
+        "load_average": {"before": load_before, "after": None},
         "model_config": mcfg.to_dict(), "input": "real 12-lead ECG (shipped CinC 2021 demo records), leads "
-        "repeated to C channels, consecutive 1-s patches", "definitions": definitions(), "results": rows,
+        "repeated to C channels, consecutive 1-s patches", "definitions": definitions(), "results": [],
     }
-    doc["summary"] = kernel_summary(rows)
+    groups = [(s, b, m) for m in cfg.modes for s in cfg.shapes for b in cfg.batches]
+    with tqdm(groups, desc="bench", unit="group", disable=cfg.quiet, file=sys.stderr) as bar:
+        for i, ((c, n), batch, mode) in enumerate(bar):
+            bar.set_description(f"bench {mode} {c}x{n} batch {batch}")
+            x = make_input(stream, batch, c, n).to(cfg.device)
+            for v in bench_group(cfg, models, x, mode, progress=bar):
+                doc["results"].append(_row(cfg, v, c, n, batch, mode, peaks))
+            if cfg.device == "cuda":
+                torch.cuda.empty_cache()
+            _finish(doc, load_before)
+            if i + 1 < len(groups):
+                doc["partial"] = {"groups_done": i + 1, "groups": len(groups)}
+                if on_group is not None:
+                    on_group(doc)
+    doc.pop("partial", None)
     return doc
+
+
+def _finish(doc: dict, load_before) -> None:
+    """Speed-ups and summary over the rows so far (recomputed: later groups do not change earlier ones)."""
+    add_speedups(doc["results"])
+    doc["load_average"]["after"] = os.getloadavg() if load_before else None
+    doc["summary"] = kernel_summary(doc["results"])
 
 
 def kernel_summary(rows: list[dict], low: str = "bf16") -> list[dict]:

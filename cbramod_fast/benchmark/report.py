@@ -96,6 +96,27 @@ def summary_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_path_lines(doc: dict) -> str:
+    """What the fast model's timed calls ran on CPU (``model.cpu_path``): one line per variant, dtype and
+    path, naming the groups. Empty for GPU runs and for files written before the field existed."""
+    where: dict[tuple[str, str, str], dict[tuple[str, int, int], list[int]]] = {}
+    for r in doc["results"]:
+        if doc["device"]["type"] != "cpu" or r["model"] != "fast" or "cpu_path" not in r or not r["repeats"]:
+            continue
+        if r["cpu_path"] is None and r["mode"] == "train":
+            continue  # training steps never take the inference plan
+        path = f"`{r['cpu_path']}`" if r["cpu_path"] else "no CPU inference plan (a torch.compile graph)"
+        groups = where.setdefault((variant_label(r), r["dtype"], path), {})
+        groups.setdefault((r["mode"], r["channels"], r["patches"]), []).append(r["batch"])
+    if not where:
+        return ""
+    lines = ["CPU path of the timed calls (`model.cpu_path`, read after each call):", ""]
+    for (label, dtype, path), groups in where.items():
+        at = "; ".join(f"{m} {c}×{n} batch {', '.join(map(str, bs))}" for (m, c, n), bs in groups.items())
+        lines.append(f"- {label} {dtype} ({at}): {path}")
+    return "\n".join(lines)
+
+
 def _repeats_text(doc: dict) -> str:
     counts = sorted({r["repeats"] for r in doc["results"] if r["timed"]})
     span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}" if counts else "0"
@@ -135,15 +156,25 @@ def markdown_header(doc: dict) -> str:
          f"{fl / 1e9:.2f} GFLOP per {a['shapes'][0][0]}×{a['shapes'][0][1]} sample forward; warm-up "
          f"{a['warmup']}, repeats {_repeats_text(doc)}"
          f"{_compile_text(doc)}"),
-    ])
+    ] + _partial_lines(doc))
+
+
+def _partial_lines(doc: dict) -> list[str]:
+    part = doc.get("partial")
+    if not part:
+        return []
+    return [(f"- **partial run**: {part['groups_done']} of {part['groups']} groups finished (results are written "
+             "after each group; the run stopped there or is still going)")]
 
 
 def render_markdown(doc: dict) -> str:
     summary = summary_table(doc.get("summary") or [])
     summary = (f"Summary: (a) original (else reference) fp32 eager, (b) fastest torch-native variant, (c) "
                f"fastest Triton variant, both bf16; ratios of p50 latencies.\n\n{summary}\n\n") if summary else ""
+    paths = cpu_path_lines(doc)
+    paths = f"{paths}\n\n" if paths else ""
     return (f"# cbramod-fast bench: {result_stem(doc)}\n\n{markdown_header(doc)}\n\n{summary}"
-            f"{markdown_table(doc)}\n\n"
+            f"{markdown_table(doc)}\n\n{paths}"
             "Definitions: " + "; ".join(f"**{k}**: {v}" for k, v in doc["definitions"].items()) + "\n")
 
 
