@@ -131,19 +131,19 @@ CLASS_CELLS = (
     ("fp32 19×30 B=8", (19, 30), 8, "fp32", "fp32"),
     ("fp32 12×10 B=1", (12, 10), 1, "fp32", "fp32"),
     ("fp32 12×10 B=8", (12, 10), 8, "fp32", "fp32"),
-    ("bf16 19×30 B=8 vs its bf16", (19, 30), 8, "bf16", "bf16"),
-    ("bf16 19×30 B=8 vs its fp32", (19, 30), 8, "bf16", "fp32"),
+    ("bf16 19×30 B=8 vs original bf16", (19, 30), 8, "bf16", "bf16"),
+    ("bf16 19×30 B=8 vs original fp32", (19, 30), 8, "bf16", "fp32"),
 )
 
 
 def cpu_class(path: Path) -> str | None:
-    """The CPU class a result file belongs to, from its name (``cpu-zen4_...`` -> ``cpu-zen4``); None for GPUs."""
+    """A result file's CPU class, from its name (``cpu-zen4_...`` -> ``cpu-zen4``); None for GPUs."""
     slug = path.stem.split("_", 1)[0]
     return slug if slug == "cpu" or slug.startswith("cpu-") else None
 
 
 def class_cells(doc: dict) -> list[float | None]:
-    """:data:`CLASS_CELLS` of one result document: the original's p50 / our fast model's p50 (None: not timed)."""
+    """:data:`CLASS_CELLS` of one result document: the original's p50 / ours (None: not timed)."""
     p50 = {(r["model"], r["channels"], r["patches"], r["batch"], r["dtype"]): r["latency_s"]["p50"]
            for r in doc["results"] if r["mode"] == "infer" and not r.get("compile") and r["latency_s"]
            and r["model"] in ("fast", "original")}
@@ -158,7 +158,8 @@ def render_cpu_classes(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
     """One row per CPU class with result files: the run against the original with the most cells filled (the
     newest on a tie), so every number in a row comes from one file, one thread count and one machine state."""
     head = " | ".join(h for h, *_ in CLASS_CELLS)
-    lines = [f"| CPU | {head} | torch threads | result file |", "|---|" + "---:|" * len(CLASS_CELLS) + "---:|---|"]
+    lines = [f"| CPU | {head} | torch threads | result file |",
+             "|---|" + "---:|" * len(CLASS_CELLS) + "---:|---|"]
     classes: dict[str, list[tuple[Path, dict]]] = {}
     for path, doc in docs:
         if cpu_class(path) and doc["device"]["type"] == "cpu":
@@ -166,7 +167,8 @@ def render_cpu_classes(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
     for slug in sorted(classes):
         runs = [(sum(v is not None for v in class_cells(d)), d["created"], p, d) for p, d in classes[slug]
                 if d["args"].get("original")]
-        filled, _, path, doc = max(runs, key=lambda t: t[:2]) if runs else (0, None, None, classes[slug][0][1])
+        best = max(runs, key=lambda t: t[:2]) if runs else (0, None, None, classes[slug][0][1])
+        filled, _, path, doc = best
         if not filled:
             dashes = " | ".join("–" for _ in CLASS_CELLS)
             lines.append(f"| {device_label(doc['device'])} | {dashes} | – | no run with `--original` yet |")
@@ -175,11 +177,13 @@ def render_cpu_classes(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
         lines.append(f"| {device_label(doc['device'])} | {cells} | {doc['device']['torch_threads']} | "
                      f"[`{path.stem}`]({_link(path, base)}) |")
     if len(lines) == 2:
-        return "No CPU result files yet: run `cbramod-fast bench --original PATH` and then `python bench/report.py`."
+        return ("No CPU result files yet: run `cbramod-fast bench --original PATH` and then "
+                "`python bench/report.py`.")
     return "\n".join(lines)
 
 
-RENDERERS = {"bench-cpu-classes": render_cpu_classes, "bench-headline": render_headline, "bench-results": render}
+RENDERERS = {"bench-cpu-classes": render_cpu_classes, "bench-headline": render_headline,
+             "bench-results": render}
 
 
 def markers(name: str) -> tuple[str, str]:

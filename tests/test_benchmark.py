@@ -221,7 +221,8 @@ def test_tiny_run_writes_complete_results(tmp_path, capsys):
     for r in rows:
         assert not r["failed"]
         if r["model"] == "fast" and r["mode"] == "infer":
-            assert r["cpu_path"].startswith("fp32 " if r["dtype"] == "fp32" else bf16_kind + " "), r["cpu_path"]
+            kind = "fp32 " if r["dtype"] == "fp32" else bf16_kind + " "
+            assert r["cpu_path"].startswith(kind), r["cpu_path"]
             assert f"`{r['cpu_path']}`" in md and f"`{r['cpu_path']}`" in printed
         else:
             assert r["cpu_path"] is None  # the reference, and training steps (no inference plan)
@@ -445,13 +446,14 @@ def test_each_group_is_written_when_it_finishes(monkeypatch, tmp_path):
     seen = []
     doc = harness.run_bench(cfg, on_group=lambda d: seen.append(json.loads(json.dumps(d))))
     assert [d["partial"]["groups_done"] for d in seen] == [1] and "partial" not in doc
-    assert {r["batch"] for r in seen[0]["results"]} == {1} and len(doc["results"]) == 2 * len(seen[0]["results"])
+    assert {r["batch"] for r in seen[0]["results"]} == {1}
+    assert len(doc["results"]) == 2 * len(seen[0]["results"])
 
 
 def _class_doc(uarch: str, threads: int, created: str, p50: dict, original: bool = True) -> dict:
-    """A result document with the fields the per-CPU-class table reads; p50 maps (model, C, N, batch, dtype)."""
-    rows = [{"model": m, "mode": "infer", "compile": None, "channels": c, "patches": n, "batch": b, "dtype": dt,
-             "latency_s": {"p50": v}} for (m, c, n, b, dt), v in p50.items()]
+    """A result document with what the per-CPU-class table reads; p50: (model, C, N, batch, dtype) -> s."""
+    rows = [{"model": m, "mode": "infer", "compile": None, "channels": c, "patches": n, "batch": b,
+             "dtype": dt, "latency_s": {"p50": v}} for (m, c, n, b, dt), v in p50.items()]
     return {"schema": config.SCHEMA, "created": created, "results": rows,
             "device": {"type": "cpu", "name": "AMD EPYC", "uarch": uarch, "torch_threads": threads},
             "args": {"original": "/src/CBraMod" if original else None}}
@@ -465,12 +467,14 @@ def test_cpu_class_table_is_computed_from_the_result_files(tmp_path):
             ("fast", 19, 30, 8, "fp32"): 0.100, ("original", 19, 30, 8, "fp32"): 0.170,
             ("fast", 12, 10, 1, "fp32"): 0.010, ("original", 12, 10, 1, "fp32"): 0.012,
             ("fast", 19, 30, 8, "bf16"): 0.050, ("original", 19, 30, 8, "bf16"): 0.080}  # no 12x10 B=8
+    b8_19x30 = {k: v for k, v in full.items() if k[1:4] == (19, 30, 8)}
     docs = [
-        (tmp_path / "cpu-zen3_base_infer_19x30-12x10_original.json", _class_doc("Zen 3", 2, "2026-01-02", full)),
+        (tmp_path / "cpu-zen3_base_infer_19x30-12x10_original.json",
+         _class_doc("Zen 3", 2, "2026-01-02", full)),
         # fewer cells (and newer): not the one the row takes
-        (tmp_path / "cpu-zen3_base_infer_19x30_original.json",
-         _class_doc("Zen 3", 1, "2026-02-01", {k: v for k, v in full.items() if k[1:3] == (19, 30) and k[3] == 8})),
-        (tmp_path / "cpu-zen4_base_infer_19x30.json", _class_doc("Zen 4", 2, "2026-01-01", full, original=False)),
+        (tmp_path / "cpu-zen3_base_infer_19x30_original.json", _class_doc("Zen 3", 1, "2026-02-01", b8_19x30)),
+        (tmp_path / "cpu-zen4_base_infer_19x30.json",
+         _class_doc("Zen 4", 2, "2026-01-01", full, original=False)),
         (tmp_path / "cuda-nvidia-h200_base_train_19x30.json", {**_class_doc(None, 1, "2026-01-01", full),
                                                                "device": {"type": "cuda", "name": "H200"}}),
     ]

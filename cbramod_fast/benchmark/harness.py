@@ -211,8 +211,8 @@ def sync(device: str) -> None:
 
 
 def _cpu_path_model(v: Variant) -> nn.Module | None:
-    """The fast model behind ``v`` (through a ``torch.compile`` wrapper), whose ``cpu_path`` says what its last
-    CPU inference call ran; None for the other models."""
+    """The fast model behind ``v`` (through a ``torch.compile`` wrapper), whose ``cpu_path`` says what its
+    last CPU inference call ran; None for the other models."""
     if v.model_kind != "fast" or v.model is None:
         return None
     return getattr(v.model, "_orig_mod", v.model)

@@ -163,8 +163,8 @@ def _partial_lines(doc: dict) -> list[str]:
     part = doc.get("partial")
     if not part:
         return []
-    return [(f"- **partial run**: {part['groups_done']} of {part['groups']} groups finished (results are written "
-             "after each group; the run stopped there or is still going)")]
+    return [(f"- **partial run**: {part['groups_done']} of {part['groups']} groups finished (results are "
+             "written after each group; the run stopped there or is still going)")]
 
 
 def render_markdown(doc: dict) -> str:
