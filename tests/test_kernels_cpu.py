@@ -131,7 +131,7 @@ def test_baseline_build_matches():
             "assert err <= 2 * ref + 1e-6, (err, ref); print('ok')")
     env = dict(os.environ, CBRAMOD_FAST_SIMD="baseline")
     # outside the checkout: `python -c` puts the cwd on sys.path, and the source tree has no built _ext
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/", check=False)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DATA, SHARED
 
 from cbramod_fast import CBraMod, ReferenceCBraMod
-
-from conftest import DATA, SHARED
 
 FIXTURE_SETS = {
     "layers2": (DATA / "cbramod_weights_seed3_layers2.pth", DATA / "cbramod_cases_seed3_layers2.pt", 2),

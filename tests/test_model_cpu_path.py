@@ -8,12 +8,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import DATA, SHARED
 
 from cbramod_fast import CBraMod, ReferenceCBraMod
 from cbramod_fast.kernels import cpu
 from cbramod_fast.model import cpu_path
-
-from conftest import DATA, SHARED
 
 FIXTURES = {
     "layers2": (DATA / "cbramod_weights_seed3_layers2.pth", DATA / "cbramod_cases_seed3_layers2.pt", 2),
@@ -109,7 +108,7 @@ def test_bf16_paths_close_to_fp32(path, attention, precision, force):
         assert fast.cpu_path.startswith(precision), fast.cpu_path
         native = fast.to(torch.bfloat16)(x.to(torch.bfloat16))
         assert native.dtype == torch.bfloat16 and fast.cpu_path.startswith(precision), fast.cpu_path
-    rel = lambda a: ((a.float() - gold).norm() / gold.norm()).item()  # noqa: E731
+    rel = lambda a: ((a.float() - gold).norm() / gold.norm()).item()
     assert rel(ours) <= BF16_REL_L2, f"autocast rel. L2 error {rel(ours):.3e}"
     assert rel(native) <= BF16_REL_L2, f"bf16 model rel. L2 error {rel(native):.3e}"
     assert rel(ours) <= 2 * rel(theirs), f"autocast error {rel(ours):.3e} > 2x the reference's {rel(theirs):.3e}"

@@ -8,4 +8,4 @@ from .checkpoint import LoadReport, read_state_dict
 from .config import PRESETS, CBraModConfig
 from .reference import ReferenceCBraMod
 
-__all__ = ["CBraMod", "CBraModConfig", "LoadReport", "PRESETS", "ReferenceCBraMod", "read_state_dict"]
+__all__ = ["PRESETS", "CBraMod", "CBraModConfig", "LoadReport", "ReferenceCBraMod", "read_state_dict"]

@@ -15,7 +15,6 @@ from .cpu_path import PATHS
 from .embedding import PatchEmbedding
 from .encoder import Encoder
 
-
 WEIGHT_INITS = ("original", "pytorch")
 
 
@@ -70,7 +69,7 @@ class CBraMod(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto", cpu_path: str = "auto",
-                    weight_init: str = "original") -> "CBraMod":
+                    weight_init: str = "original") -> CBraMod:
         if isinstance(cfg, str):
             if cfg not in PRESETS:
                 raise ValueError(f"unknown preset {cfg!r}; expected one of {sorted(PRESETS)}")
@@ -118,7 +117,7 @@ class CBraMod(nn.Module):
     # -- checkpoints --------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, strict: bool = True, backend: str = "auto",
-                        cpu_path: str = "auto", **overrides) -> "CBraMod":
+                        cpu_path: str = "auto", **overrides) -> CBraMod:
         """Load an original or braindecode checkpoint (file or Hugging Face-style folder).
 
         Hyperparameters are inferred from the tensors; ``overrides`` win. With ``strict`` (default) any

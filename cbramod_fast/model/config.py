@@ -35,7 +35,7 @@ class CBraModConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **kw) -> "CBraModConfig":
+    def with_(self, **kw) -> CBraModConfig:
         return replace(self, **kw)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +52,12 @@ except (AttributeError, RuntimeError):
 
 
 # -- what this CPU can run --------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def onednn_available() -> bool:
     return _linear_pointwise is not None and torch.backends.mkldnn.is_available()
 
 
-@lru_cache(maxsize=None)
+@cache
 def onednn_bf16_available() -> bool:
     """oneDNN's bf16 GEMMs need AVX512 (BW/VL/DQ), AVX512-BF16, AMX or AVX-NE-CONVERT; asked of oneDNN."""
     if not onednn_available():
@@ -140,7 +140,7 @@ class Frame:
     def __init__(self, b: int, c: int, n: int, d: int, ff: int, dtype: torch.dtype):
         half, tok = d // 2, b * c * n
         self.shape, self.tok, self.half, self.d = (b, c, n, d), tok, half, d
-        e = lambda *s: torch.empty(s, dtype=dtype)  # noqa: E731
+        e = lambda *s: torch.empty(s, dtype=dtype)
         self.h_s, self.h_t = e(b, n, c, half), e(b, c, n, half)  # LayerNorm 1 -> projection inputs
         self.h_s2, self.h_t2 = self.h_s.view(tok, half), self.h_t.view(tok, half)
         self.qkv_s, self.qkv_t = e(tok, 3 * half), e(tok, 3 * half)  # blas projection outputs
@@ -448,7 +448,7 @@ def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], p
         run_layer(layer, x, tuner, ws)
         for n in sorted({threads, 1}, reverse=True):
             plan = Plan(precision, **tuner.chosen, native_threads=n, measured=True)
-            t = _time(lambda: run_layer(layer, x, plan, ws))
+            t = _time(lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws))
             if best is None or t < best[0]:
                 best = (t, plan)
     return best[1]
