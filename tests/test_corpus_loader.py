@@ -160,3 +160,119 @@ def test_errors(tmp_path, corpus):
         CorpusLoader(corpus, batch_size=1000)
     with pytest.raises(ValueError, match="rank"):
         CorpusLoader(corpus, rank=2, world_size=2)
+
+
+# -- the data path: dtype, reused buffers, worker processes ------------------------------------------------
+def _check_rows(batch) -> None:
+    idx = batch["index"]
+    assert torch.equal(batch["x"].float().amax(dim=(1, 2, 3)), idx.float())
+    assert torch.equal(batch["x"].float().amin(dim=(1, 2, 3)), idx.float())
+    assert torch.equal(batch["present"], torch.stack([idx % 3 != k for k in range(C)], dim=1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_float16_output_is_the_float32_batches_converted(corpus, workers):
+    a = CorpusLoader(corpus, batch_size=8, seed=4, num_workers=workers, drop_last=False)
+    h = CorpusLoader(corpus, batch_size=8, seed=4, num_workers=workers, drop_last=False, dtype=torch.float16)
+    n = 0
+    for ba, bh in zip(a, h):
+        assert ba["x"].dtype == torch.float32 and bh["x"].dtype == torch.float16
+        assert torch.equal(bh["x"].float(), ba["x"]) and torch.equal(bh["index"], ba["index"])
+        assert torch.equal(bh["present"], ba["present"])
+        n += len(ba["index"])
+    assert n == 164
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_the_caller_keeps_are_never_overwritten(corpus, workers, dtype):
+    # Holding every batch exhausts the reused buffers: later batches must come in fresh memory, and none of
+    # the kept ones may change when the loader reads on (two epochs).
+    loader = CorpusLoader(corpus, batch_size=8, seed=2, num_workers=workers, dtype=dtype)
+    kept = list(loader)
+    loader.set_epoch(1)
+    kept += list(loader)
+    assert len(kept) == 2 * (164 // 8)
+    assert len({b["x"].data_ptr() for b in kept}) == len(kept)  # no two kept batches share memory
+    for b in kept:
+        _check_rows(b)
+    # Keeping only a view of x, or only present / index, protects that much too.
+    views = [(b["x"][:, 1], b["index"]) for b in loader]
+    for x1, idx in views:
+        assert torch.equal(x1.float().amax(dim=(1, 2)), idx.float())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_released_batches_reuse_the_loaders_buffers(corpus, workers):
+    loader = CorpusLoader(corpus, batch_size=8, seed=2, num_workers=workers)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for b in loader:
+            _check_rows(b)
+            slots = {s.data_ptr() for s in loader._buffers.slots}
+            assert b["x"].data_ptr() in slots  # one of the loader's buffers, not a fresh allocation
+            assert b["x"].is_shared() == (workers > 0)  # workers write into shared memory
+    assert len(loader._buffers.slots) <= (4 if workers == 0 else 2 * workers + 4)
+
+
+def test_workers_leave_the_global_random_streams_alone(corpus):
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    loader = CorpusLoader(corpus, batch_size=8, seed=2, num_workers=2)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        collect(loader)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # dropout streams do not depend on the workers
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+
+
+def test_an_abandoned_iteration_ends_when_a_new_one_starts(corpus):
+    loader = CorpusLoader(corpus, batch_size=8, seed=6, num_workers=2)
+    want = collect(CorpusLoader(corpus, batch_size=8, seed=6))
+    old = iter(loader)
+    assert torch.equal(next(old)["index"], want[0]) and torch.equal(next(old)["index"], want[1])
+    loader.load_state_dict({"epoch": 0, "next_batch": 5})
+    got = collect(loader)  # the in-flight reads of the old iteration are collected and dropped
+    assert len(got) == len(want) - 5 and all(torch.equal(a, b) for a, b in zip(got, want[5:]))
+    with pytest.raises(RuntimeError, match="newer iteration"):
+        next(old)
+
+
+def test_close_stops_the_workers_and_a_dead_worker_is_reported(corpus):
+    loader = CorpusLoader(corpus, batch_size=8, seed=6, num_workers=2)
+    next(iter(loader))
+    procs = list(loader._pool.procs)
+    assert all(p.is_alive() for p in procs)
+    loader.close()
+    assert not any(p.is_alive() for p in procs)
+    it = iter(loader)  # workers start again on the next iteration
+    next(it)
+    loader._pool.procs[1].kill()
+    with pytest.raises(RuntimeError, match=r"worker 1 \(pid \d+\) died"):
+        for _ in it:
+            pass
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_that_disagrees_with_the_manifest_is_named(tmp_path, workers):
+    root = write_id_corpus(tmp_path / "c", [16, 16])
+    np.save(root / "x-00001.npy", np.zeros((16, C, N, P + 1), np.float16))  # a shard of another window shape
+    loader = CorpusLoader(root, batch_size=32, num_workers=workers)
+    with pytest.raises(ValueError, match=r"x-00001\.npy: array float16 \(16, 3, 2, 201\)"):
+        next(iter(loader))
+
+
+def test_bad_dtype_or_pin_memory_without_cuda(corpus):
+    with pytest.raises(ValueError, match="dtype"):
+        CorpusLoader(corpus, dtype=torch.int16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+            CorpusLoader(corpus, pin_memory=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pinned_batches_on_cuda(corpus, workers):
+    loader = CorpusLoader(corpus, batch_size=8, seed=1, num_workers=workers, dtype=torch.float16, pin_memory=True)
+    for b in loader:
+        assert b["x"].is_pinned() and b["present"].is_pinned() and b["index"].is_pinned()
+        _check_rows({k: v.to("cuda", non_blocking=True) for k, v in b.items()})
