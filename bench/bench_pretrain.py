@@ -22,9 +22,9 @@ from cbramod_fast import CBraMod, ReferenceCBraMod
 from cbramod_fast.atomic import atomic_text
 from cbramod_fast.benchmark.device import cpu_model, git_state
 from cbramod_fast.corpus.windows import read_windows
-from cbramod_fast.masking import dual_mask
+from cbramod_fast.masking import dual_mask, masked_mse
 from cbramod_fast.model.config import PRESETS
-from cbramod_fast.pretrain import DEMO_DATA, masked_mse
+from cbramod_fast.pretrain import DEMO_DATA
 from cbramod_fast.readers import records_in
 
 RESULTS = Path(__file__).parent / "results"

@@ -37,13 +37,19 @@ _FLAGS = {  # config field -> (flag, type, help)
     "amp": ("--amp", str, "auto (bf16 on CUDA), bf16, fp16, none"),
     "device": ("--device", str, "auto, cpu, cuda, cuda:1, ..."),
     "dropout": ("--dropout", float, "dropout probability"),
+    "weight_init": ("--weight-init", str, ("encoder initialisation: original (the original CBraMod's: "
+                                           "kaiming-normal Linear weights, layers start as copies of one) or "
+                                           "pytorch (PyTorch's default, independent layers)")),
     "stop_at": ("--stop-at", int, "stop after this step (the schedule still spans --steps); resume later"),
 }
 
 
+_AUTO = {"warmup_steps": "5 %% of --steps, at most 2000", "workers": "the cores per rank less one, at most 4"}
+
+
 def _add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     for name, (flag, typ, help_) in _FLAGS.items():
-        default = PretrainConfig.__dataclass_fields__[name].default
+        default = _AUTO.get(name, PretrainConfig.__dataclass_fields__[name].default)
         p.add_argument(flag, dest=name, type=typ, default=None, help=f"{help_} [default: {default}]")
     p.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -90,6 +96,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         run = Path(summary["run"])
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}; run folder {run} "
               f"({CHECKPOINT}, metrics.jsonl, loss.png, reconstruction.png)")
+        wait = f"{summary['data_wait']:.1%} of the training time went to waiting for data"
+        print(f"data-bound: {wait}; more --workers (or faster storage) would speed it up" if summary["data_bound"]
+              else f"not data-bound: {wait}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

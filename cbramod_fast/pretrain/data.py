@@ -1,8 +1,10 @@
-"""Where pretraining batches come from: the corpus loader over ``--data`` (or the shipped demo), or windows in memory."""
+"""Where pretraining batches come from: the corpus loader over ``--data`` (or the shipped demo), or windows in
+memory; and how they reach the device one step ahead (:class:`DeviceFeed`)."""
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +68,12 @@ def build_demo_corpus(out_dir: Path) -> Path:
     return out_dir
 
 
-def make_loader(cfg: PretrainConfig, run_dir: Path, rank: int, world: int):
-    """The training loader: ``CorpusLoader`` over ``cfg.data`` (or the demo corpus, built in ``run_dir``)."""
+def make_loader(cfg: PretrainConfig, run_dir: Path, rank: int, world: int, device: torch.device | None = None):
+    """The training loader: ``CorpusLoader`` over ``cfg.data`` (or the demo corpus, built in ``run_dir``).
+
+    For a CUDA ``device`` the batches come as float16 (the shards' type: half the bytes to copy) in pinned
+    memory; they become float32 on the device. Elsewhere they come as float32.
+    """
     if cfg.data is None:
         if rank == 0:
             build_demo_corpus(run_dir / "corpus")
@@ -80,8 +86,10 @@ def make_loader(cfg: PretrainConfig, run_dir: Path, rank: int, world: int):
             raise FileNotFoundError(f"{corpus}: no such corpus folder")
     from ..corpus.loader import CorpusLoader
 
+    cuda = device is not None and device.type == "cuda"
     return CorpusLoader(corpus, batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                        num_workers=cfg.workers, drop_last=True)
+                        num_workers=cfg.workers, drop_last=True, dtype=torch.float16 if cuda else torch.float32,
+                        pin_memory=cuda)
 
 
 class EpochBatches:
@@ -99,3 +107,55 @@ class EpochBatches:
             self.loader.set_epoch(self.epoch)
             self._it = iter(self.loader)
             return next(self._it)
+
+    def position(self) -> tuple[int, dict]:
+        """``(epoch, loader state)`` before the next batch: where a resumed run continues."""
+        return self.epoch, self.loader.state_dict()
+
+
+class DeviceFeed:
+    """Batches on ``device``, the next one fetched and on its way while the current step runs.
+
+    ``next()`` hands out the pending batch (fetching it first if there is none); ``preload()``, called once
+    the step's work is queued, fetches the following batch from the loader and starts its copy: on CUDA from
+    pinned memory, ``non_blocking``, on a side stream, so the host's wait for data and the copy overlap the
+    GPU's work. ``x`` arrives as float32 (converted on the device). ``position()`` is where a resume continues
+    (the loader's state before the pending batch, which the run has not used). ``wait_s`` counts the seconds
+    spent waiting for the loader.
+    """
+
+    def __init__(self, batches: EpochBatches, device: torch.device):
+        self.batches, self.device = batches, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.wait_s = 0.0
+        self._pending: tuple[dict, tuple[int, dict]] | None = None
+
+    def preload(self) -> None:
+        if self._pending is not None:
+            return
+        position = self.batches.position()
+        t0 = time.perf_counter()
+        host = self.batches.next()
+        self.wait_s += time.perf_counter() - t0
+        if self.stream is None:
+            batch = {k: v.to(self.device) for k, v in host.items()}
+            batch["x"] = batch["x"].float()
+        else:
+            with torch.cuda.stream(self.stream):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+                batch["x"] = batch["x"].float()
+        self._pending = batch, position
+
+    def next(self) -> dict:
+        self.preload()
+        batch, _ = self._pending
+        self._pending = None
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for v in batch.values():  # made on the side stream, used and freed on this one
+                v.record_stream(current)
+        return batch
+
+    def position(self) -> tuple[int, dict]:
+        return self._pending[1] if self._pending is not None else self.batches.position()

@@ -1,5 +1,9 @@
 """The pretraining loop, top to bottom: set up (devices, seeds, model, optimizer, data), resume if asked, then
-per step mask → forward → masked MSE → backward → clip → AdamW, logging and checkpointing as it goes."""
+per step mask → forward → masked MSE → backward → clip → AdamW, logging and checkpointing as it goes.
+
+The next batch is fetched and copied to the device while a step runs (:class:`.data.DeviceFeed`); each
+metrics row says what fraction of the time went to waiting for data, and the run's summary whether it was
+data-bound."""
 
 from __future__ import annotations
 
@@ -17,30 +21,24 @@ import torch
 
 from ..atomic import atomic_text
 from ..errors import ConfigError
-from ..masking import dual_mask
-from .config import PretrainConfig
-from .data import EpochBatches, make_loader
+from ..masking import dual_mask, masked_mse
+from .config import PretrainConfig, auto_warmup
+from .data import DeviceFeed, EpochBatches, make_loader
 from .plots import plot_loss, plot_reconstruction
 from .state import CHECKPOINT, load_checkpoint, save_checkpoint, truncate_metrics
 
-
-def masked_mse(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, present: torch.Tensor,
-               loss_on: str = "masked") -> torch.Tensor:
-    """Mean squared error per patch, averaged over masked (or all) patches of present leads."""
-    err = (pred.float() - x.float()).pow(2).mean(dim=-1)  # (B, C, N)
-    w = mask if loss_on == "masked" else present[:, :, None].expand_as(mask)
-    w = (w & present[:, :, None]).to(err.dtype)
-    return (err * w).sum() / w.sum().clamp_min(1.0)
+DATA_BOUND = 0.1  # a run that waits for data this fraction of its time or more is data-bound
 
 
 def lr_lambda(cfg: PretrainConfig):
     """Learning-rate factor per step: linear warm-up, then cosine from 1 to ``min_lr / lr`` at ``steps``."""
     floor = cfg.min_lr / cfg.lr
+    warmup = auto_warmup(cfg.steps) if cfg.warmup_steps is None else cfg.warmup_steps
 
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return f
@@ -64,7 +62,8 @@ def _model(cfg: PretrainConfig) -> torch.nn.Module:
 
     if cfg.init:
         return CBraMod.from_pretrained(cfg.init, backend=cfg.backend, dropout=cfg.dropout)
-    return CBraMod(**PRESETS[cfg.preset].with_(dropout=cfg.dropout).to_dict(), backend=cfg.backend)
+    return CBraMod(**PRESETS[cfg.preset].with_(dropout=cfg.dropout).to_dict(), backend=cfg.backend,
+                   weight_init=cfg.weight_init)
 
 
 def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> tuple[torch.optim.Optimizer, list]:
@@ -77,11 +76,13 @@ def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> tuple[torch.optim
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool = False) -> dict:
-    """Run (or resume) pretraining; returns a summary. ``loader`` overrides the data source (tests)."""
+    """Run (or resume) pretraining; returns a summary (with ``data_wait``, the fraction of the loop's time spent
+    waiting for batches, and ``data_bound``). ``loader`` overrides the data source (tests)."""
     from tqdm import tqdm
 
     # -- devices and the run folder
     cfg.validate()
+    cfg = cfg.resolved()
     rank, world, local_rank = dist_info()
     distributed = world > 1
     device = _device(cfg, local_rank)
@@ -114,7 +115,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     mask_gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1))
     if loader is None:
-        loader = make_loader(cfg, run_dir, rank, world)
+        loader = make_loader(cfg, run_dir, rank, world, device)
 
     # -- resume: weights, optimizer, every RNG and the loader position, exactly where the checkpoint left them
     step, epoch = 0, 0
@@ -130,7 +131,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         fwd = torch.compile(fwd)
-    batches = EpochBatches(loader, epoch)
+    feed = DeviceFeed(EpochBatches(loader, epoch), device)
 
     # -- the loop
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at is not None else cfg.steps
@@ -144,15 +145,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
     last_x = last_present = None
     loss_sum = torch.zeros((), device=device)
     t_log, n_log, last_loss = time.perf_counter(), 0, float("nan")
+    wait_log, loop_s, t_loop = feed.wait_s, 0.0, time.perf_counter()
     model.train()
     try:
         while step < end:
             opt.zero_grad(set_to_none=True)
             step_loss = torch.zeros((), device=device)
             for micro in range(cfg.accum):
-                batch = batches.next()
-                x = batch["x"].to(device, non_blocking=True)
-                present = batch["present"].to(device, non_blocking=True)
+                batch = feed.next()
+                x, present = batch["x"], batch["present"]
                 b, c, n, _ = x.shape
                 mask = dual_mask(b, c, n, cfg.patch_ratio, cfg.lead_ratio, generator=mask_gen, present=present,
                                  span=cfg.span, backend=cfg.backend)
@@ -161,9 +162,11 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
                 with sync:
                     with autocast:
                         pred = fwd(x, mask)
-                    loss = masked_mse(pred, x, mask, present, cfg.loss_on)
+                    loss = masked_mse(pred, x, mask, present, cfg.loss_on, backend=cfg.backend)
                     scaler.scale(loss / cfg.accum).backward()
                 step_loss += loss.detach() / cfg.accum
+                if step + 1 < end or micro + 1 < cfg.accum:
+                    feed.preload()  # the next batch, while this step's queued work runs
             scaler.unscale_(opt)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             lr = sched.get_last_lr()[0]
@@ -186,26 +189,31 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, loader=None, quiet: bool
                 dt = time.perf_counter() - t_log
                 row = {"step": step, "loss": step_loss.item() if k == 1 else loss_sum.item() / k,
                        "last_loss": step_loss.item(), "lr": lr, "grad_norm": float(gnorm),
-                       "samples_per_s": n_log / dt, "epoch": batches.epoch}
+                       "samples_per_s": n_log / dt, "data_wait": (feed.wait_s - wait_log) / dt,
+                       "epoch": feed.position()[0]}
                 last_loss = row["loss"]
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.0f}")
                 loss_sum.zero_()
-                t_log, n_log = time.perf_counter(), 0
+                t_log, n_log, wait_log = time.perf_counter(), 0, feed.wait_s
 
             if step % cfg.ckpt_every == 0 or step == end:
-                save_checkpoint(ckpt_path, model, opt, sched, scaler, step, batches.epoch, cfg, mask_gen, loader,
-                                rank, world)
+                loop_s += time.perf_counter() - t_loop
+                save_checkpoint(ckpt_path, model, opt, sched, scaler, step, feed.position(), cfg, mask_gen, rank,
+                                world)
                 if rank == 0 and last_x is not None:
                     plot_loss(run_dir)
                     plot_reconstruction(model, last_x, last_present, cfg, run_dir)
-                t_log, n_log = time.perf_counter(), 0  # checkpoint time is not training throughput
+                # checkpoint time is neither training throughput nor waiting for data
+                t_log, n_log, wait_log, t_loop = time.perf_counter(), 0, feed.wait_s, time.perf_counter()
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
     if distributed:
         torch.distributed.barrier()
-    return {"run": str(run_dir), "step": step, "epoch": batches.epoch, "loss": last_loss, "model": model}
+    data_wait = feed.wait_s / loop_s if loop_s > 0 else 0.0
+    return {"run": str(run_dir), "step": step, "epoch": feed.position()[0], "loss": last_loss, "model": model,
+            "data_wait": data_wait, "data_bound": data_wait >= DATA_BOUND}

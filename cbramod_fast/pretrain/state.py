@@ -39,10 +39,12 @@ def set_rng_state(s: dict, mask_gen: torch.Generator) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
-def save_checkpoint(path: Path, model, opt, sched, scaler, step: int, epoch: int, cfg, mask_gen, loader,
+def save_checkpoint(path: Path, model, opt, sched, scaler, step: int, position: tuple[int, dict], cfg, mask_gen,
                     rank: int, world: int) -> None:
-    """Every rank calls this (the RNG and loader states of all ranks are gathered); rank 0 writes ``path``."""
-    states = {"rng": rng_state(mask_gen), "loader": loader.state_dict()}
+    """Every rank calls this (the RNG and loader states of all ranks are gathered); rank 0 writes ``path``.
+    ``position``: ``(epoch, loader state)`` where this rank's data continues (not counting prefetched batches)."""
+    epoch, loader_state = position
+    states = {"rng": rng_state(mask_gen), "loader": loader_state}
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, states)
