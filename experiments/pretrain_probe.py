@@ -342,13 +342,14 @@ def pretraining_corpus(data_dir: str | Path, exclude: tuple[str, ...]) -> tuple[
 
 # -- the experiment ----------------------------------------------------------------------------------------
 def pretrain_variant(run: Path, windows: Windows, steps: int, preset: str, seed: int, batch_size: int,
-                     lr: float, **mask_kw) -> dict:
+                     lr: float, weight_init: str = "original", **mask_kw) -> dict:
     """Pretrain on ``windows`` into ``run``; a finished run with the same settings is reused."""
     from cbramod_fast.pretrain import ArrayLoader, PretrainConfig, pretrain
 
     cfg = PretrainConfig(data="(in-memory windows)", out=str(run), preset=preset, steps=steps,
                          batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 20), ckpt_every=steps,
-                         log_every=10, workers=0, device="cpu", amp="none", seed=seed, **mask_kw)
+                         log_every=10, workers=0, device="cpu", amp="none", seed=seed, weight_init=weight_init,
+                         **mask_kw)
     ck = run / "checkpoint.pt"
     if ck.is_file() and torch.load(ck, map_location="cpu", weights_only=True)["config"] == asdict(cfg):
         return json.loads((run / "summary.json").read_text())
@@ -376,7 +377,7 @@ def _summarise(rs: list) -> dict:
 
 def run_experiment(data_dir: str | Path, out_dir: str | Path, steps: int = 1000, preset: str = "tiny",
                    seeds: tuple[int, ...] = (0, 1, 2), batch_size: int = 32, lr: float = 1e-3,
-                   tasks: tuple[str, ...] = tuple(TASKS)) -> dict:
+                   tasks: tuple[str, ...] = tuple(TASKS), weight_init: str = "original") -> dict:
     """Random init vs the same init pretrained with patch-only and with dual masking, same probes.
 
     Each task's encoders are pretrained on every ECG source of ``data_dir`` except the task's own
@@ -404,14 +405,14 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, steps: int = 1000,
         res[t]["raw"] = {raw.name: _summarise([raw])}
     for seed in seeds:
         torch.manual_seed(seed * 1_000_003)  # the initial weights pretrain() starts from for this seed
-        random_init = CBraMod(**PRESETS[preset].to_dict(), backend="torch")
+        random_init = CBraMod(**PRESETS[preset].to_dict(), backend="torch", weight_init=weight_init)
         trained = {}
         for ex, (windows, _) in corpora.items():
             tag = corpus_tag(ex)
             for name, kw in MASKINGS.items():
                 run = out_dir / tag / f"seed{seed}" / name
                 runs[f"{tag}/seed{seed}/{name}"] = pretrain_variant(run, windows, steps, preset, seed,
-                                                                    batch_size, lr, **kw)
+                                                                    batch_size, lr, weight_init, **kw)
                 trained[ex, name] = CBraMod.from_pretrained(run / "checkpoint.pt", backend="torch")
         for t in tasks:
             w, y, groups = data[t]
@@ -423,11 +424,13 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, steps: int = 1000,
                     res[t][feat].setdefault(name, []).append(r)
     report: dict = {
         "command": f"python experiments/pretrain_probe.py --data-dir {data_dir} --out {out_dir} --steps {steps} "
-                   f"--preset {preset} --seeds {','.join(map(str, seeds))}",
+                   f"--preset {preset} --seeds {','.join(map(str, seeds))} --weight-init {weight_init}",
         "preset": preset, "leads": list(EXPERIMENT_LEADS), "pretrain_steps": steps, "batch_size": batch_size,
         "lr": lr,
         "warmup_steps": max(1, steps // 20), "maskings": MASKINGS, "seeds": list(seeds),
-        "init": "seed s: torch.manual_seed(s * 1000003), then CBraMod(preset); pretraining starts from it",
+        "weight_init": weight_init,
+        "init": f"seed s: torch.manual_seed(s * 1000003), then CBraMod(preset, weight_init={weight_init!r}); "
+                "pretraining starts from it",
         "features": {"last": "per present lead, mean and std over patches of the last layer's output",
                      "all": "the same for the patch embedding and every layer, concatenated",
                      "raw": "the same pooling of the raw 200-sample patches (no encoder)"},
@@ -466,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="model size")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks: " + ", ".join(TASKS))
+    p.add_argument("--weight-init", default="original", choices=("original", "pytorch"),
+                   help="encoder initialisation (the original CBraMod's, or PyTorch's default)")
     args = p.parse_args(argv)
     missing = [name for name in ECG_SOURCES.values() if not (Path(args.data_dir) / name).is_dir()]
     if missing:
@@ -475,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown --tasks {unknown}; expected some of {list(TASKS)}")
     run_experiment(args.data_dir, args.out, steps=args.steps, preset=args.preset,
-                   seeds=tuple(int(s) for s in args.seeds.split(",")), tasks=tasks)
+                   seeds=tuple(int(s) for s in args.seeds.split(",")), tasks=tasks, weight_init=args.weight_init)
     print(f"wrote {Path(args.out) / 'probe.json'}")
     return 0
 
