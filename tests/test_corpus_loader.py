@@ -215,6 +215,18 @@ def test_released_batches_reuse_the_loaders_buffers(corpus, workers):
     assert len(loader._buffers.slots) <= (4 if workers == 0 else 2 * workers + 4)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_torch_without_storage_reference_counts_gets_fresh_batches(corpus, workers, monkeypatch):
+    import cbramod_fast.corpus.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "_STORAGE_USE_COUNT", None)  # whether a buffer is held cannot be known
+    loader = CorpusLoader(corpus, batch_size=8, seed=2, num_workers=workers)
+    got = list(loader)
+    assert len(got) == 164 // 8 and not loader._buffers.slots
+    for b in got:
+        _check_rows(b)
+
+
 def test_workers_leave_the_global_random_streams_alone(corpus):
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()
     loader = CorpusLoader(corpus, batch_size=8, seed=2, num_workers=2)

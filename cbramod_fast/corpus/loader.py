@@ -67,10 +67,12 @@ def rank_slice(n_windows: int, rank: int, world_size: int, drop_last: bool) -> t
     return start, start + base + (rank < extra)
 
 
-def _use_count(t: torch.Tensor) -> int | None:
-    """References to ``t``'s storage (tensors and views of it), or None where torch cannot tell."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else count(t.untyped_storage()._cdata)
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # None: this torch cannot tell
+
+
+def _use_count(t: torch.Tensor) -> int:
+    """References to ``t``'s storage: tensors and views of it, wherever they are held."""
+    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
 
 
 class BatchBuffers:
@@ -85,8 +87,8 @@ class BatchBuffers:
         self.shape, self.dtype, self.capacity, self.shared = tuple(shape), dtype, capacity, shared
         self.slots: list[torch.Tensor] = []
         self.in_flight: set[int] = set()
-        self._idle = None  # use count of a buffer only the pool holds (measured: it depends on torch internals)
-        if shared:
+        self._idle = 0  # use count of a buffer only the pool holds (measured: it depends on torch internals)
+        if shared and _STORAGE_USE_COUNT is not None:
             while len(self.slots) < capacity:
                 self._grow()
 
@@ -95,20 +97,17 @@ class BatchBuffers:
         if self.shared:
             t.share_memory_()
         self.slots.append(t)
-        if self._idle is None:
-            self._idle = _use_count(t)
+        self._idle = _use_count(t)
 
     def acquire(self) -> int | None:
-        if self._idle is None and self.slots:
-            return None  # no reference counts in this torch: never reuse
+        if _STORAGE_USE_COUNT is None:
+            return None  # whether a caller still holds a buffer cannot be known: never reuse one
         for i, t in enumerate(self.slots):
             if i not in self.in_flight and _use_count(t) == self._idle:
                 self.in_flight.add(i)
                 return i
         if len(self.slots) < self.capacity and not self.shared:
             self._grow()
-            if self._idle is None:
-                return None
             self.in_flight.add(len(self.slots) - 1)
             return len(self.slots) - 1
         return None
@@ -179,11 +178,10 @@ class ShardReader:
         idx = self.indices(epoch, b)
         shard_of = np.searchsorted(self.bounds, idx, side="right") - 1
         rows = idx - self.bounds[shard_of]
+        present = np.empty((len(idx), self.shape[0]), dtype=bool)
         for s in np.unique(shard_of).tolist():
             if s not in self._x:
                 self._open(s)
-        present = np.empty((len(idx), self.shape[0]), dtype=bool)
-        for s in np.unique(shard_of).tolist():
             sel = shard_of == s
             present[sel] = self._p[s][rows[sel]]
         order = np.argsort(idx, kind="stable")
