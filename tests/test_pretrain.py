@@ -261,6 +261,21 @@ def test_a_default_short_run_on_real_ecg_learns(demo_run, tmp_path, capsys):
     assert all(0 <= r["data_wait"] < 1 for r in rows)
 
 
+@pytest.mark.gpu
+def test_cuda_run_reads_float16_pinned_batches(demo_run, tmp_path):
+    from cbramod_fast.pretrain import make_loader
+
+    cfg = _cfg(tmp_path / "run", data=str(demo_run / "corpus"), device="cuda", amp="bf16", workers=1, steps=4,
+               accum=1, ckpt_every=4)
+    loader = make_loader(cfg, tmp_path / "run", 0, 1, torch.device("cuda"))
+    batch = next(iter(loader))
+    assert batch["x"].dtype == torch.float16 and batch["x"].is_pinned()
+    summary = pretrain(cfg, quiet=True)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(math.isfinite(r["loss"]) and 0 <= r["data_wait"] < 1 for r in rows)
+    assert math.isfinite(summary["data_wait"])
+
+
 def test_cli_resume_identical_over_corpus(demo_run, tmp_path):
     """End to end through the CLI and the memory-mapped CorpusLoader: 6 steps = 3 + resume + 3."""
     corpus = demo_run / "corpus"
