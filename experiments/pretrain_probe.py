@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cbramod_fast.atomic import atomic_text
+from cbramod_fast.benchmark.device import cpu_model, cpu_uarch
 from cbramod_fast.corpus.windows import Windows, concat_windows, read_windows, windows_from_signal
 from cbramod_fast.readers import STANDARD_LEADS, read_edf, records_in
 
@@ -441,7 +442,8 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, steps: int = 1000,
                                 for ex, (win, src) in corpora.items()},
         "pretraining_runs": runs,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "cpu": cpu_model(), "uarch": cpu_uarch(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "tasks": {}}
     for t in tasks:
