@@ -9,7 +9,8 @@ elsewhere). Every candidate below computes the same function; the plan picks per
 Steps and candidates (``Plan`` fields):
   qkv   both in-projections          onednn (pre-packed weights) | blas (``torch.addmm`` into a reused buffer)
   attn  criss-cross attention        cpp (``kernels/cpu.py``, float32) | torch (``kernels/reference.py``)
-  ffn1  linear1 + GELU               onednn+gelu (fused post-op) | onednn,gelu | blas,gelu
+  ffn1  linear1 + GELU               onednn+gelu (fused post-op) | onednn or blas, then the C++ bias+GELU
+                                     (",gelu") or ATen's GELU (",aten-gelu", on torch's OpenMP threads)
   ffn2  linear2 + bias + residual    onednn+add (fused) | blas (``addmm_`` into the residual)
 The output projections (+ residual) always accumulate into the new residual with ``addmm_``.
 
@@ -222,8 +223,10 @@ def _attn(kind, fr: Frame, qkv_s, qkv_t, heads, threads):
 def _ffn1(kind, fr: Frame, h, w, threads):
     if kind == "onednn+gelu":
         return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
-    native = cpu.available() and h.dtype == torch.float32
-    if kind == "onednn,gelu":
+    # "...,aten-gelu": ATen's GELU, parallel on torch's own OpenMP threads (the C++ kernel's threads compete
+    # with OpenMP workers still spinning after the GEMM)
+    native = cpu.available() and h.dtype == torch.float32 and not kind.endswith("aten-gelu")
+    if kind.startswith("onednn,"):
         f = _lp(h, w.l1_p, w.l1_b)
         return cpu.bias_gelu_raw(f, None, threads) if native else torch._C._nn.gelu_(f)
     if native:  # the bias rides on the GELU pass, not on a broadcast copy before the GEMM
@@ -342,7 +345,7 @@ def candidates(precision: str, stream_fp32: bool, path: str, attention: str) -> 
     same = not native or not stream_fp32  # residual stream in the GEMMs' dtype -> fused residual add
     c = {"qkv": ["onednn"] * onednn + ["blas"] * blas,
          "attn": ["cpp"] * (not native and cpu.available()) + ["torch"],
-         "ffn1": ["onednn+gelu", "onednn,gelu"] * onednn + ["blas,gelu"] * blas,
+         "ffn1": ["onednn+gelu", "onednn,gelu", "onednn,aten-gelu"] * onednn + ["blas,gelu", "blas,aten-gelu"] * blas,
          "ffn2": ([("onednn+add" if same else "onednn")] if onednn else []) + ["blas"] * (blas and same)}
     if path in ("onednn", "blas"):
         for step in ("qkv", "ffn1", "ffn2"):
