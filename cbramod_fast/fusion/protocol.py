@@ -1,10 +1,12 @@
 """Subject-independent evaluation: folds by subject, frozen-encoder fusion vs single modalities vs a
 hand-crafted baseline, window- and trial-level metrics.
 
-Leakage rules, enforced here and tested: folds split *subjects*; every statistic a model learns (head
-weights, embedding standardisation, the baseline's scaler) is fitted on the training subjects' windows
-only; the frozen encoders see each window on its own (CBraMod's GroupNorm spans one sample), so caching
-their embeddings once for all folds leaks nothing.
+Leakage rules, enforced here and tested from the command line: folds split *subjects*; everything a fold
+fits (embedding standardisation, heads, the inner selection of their settings and of the late-fusion
+weights, the baseline's imputation values, scaler, regularisation and coefficients) is computed from the
+training subjects' windows only (``fit_fold``). The frozen encoders see each window on its own (CBraMod's
+GroupNorm spans one sample) and are run trial by trial, so caching their embeddings once for all folds
+leaks nothing; the hand-crafted features are per window too, with gaps left as NaN for the fold to fill.
 """
 
 from __future__ import annotations
@@ -15,17 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
+from .baseline import Baseline, fit_baseline, handcrafted_features
 from .datasets import TrialWindows
-from .model import FitConfig, FusionModel, embed_all, fit
+from .model import DIM, FitConfig, FusionModel, embed_all, fit
+from .select import SelectConfig, fit_models
 
 METRICS = ("auc", "f1", "accuracy", "balanced_accuracy")
 MODELS = ("fusion", "eeg", "ecg")
-EEG_BANDS = {"delta": (1, 4), "theta": (4, 8), "alpha": (8, 13), "beta": (13, 30), "gamma": (30, 45)}
 
 
 def subject_folds(subjects: np.ndarray, scheme: str = "loso", k: int = 5, seed: int = 0) -> list[list[str]]:
@@ -40,63 +40,6 @@ def subject_folds(subjects: np.ndarray, scheme: str = "loso", k: int = 5, seed: 
     k = min(k, len(uniq))
     order = np.random.default_rng(seed).permutation(len(uniq))
     return [[uniq[i] for i in order[f::k]] for f in range(k)]
-
-
-# -- hand-crafted baseline --------------------------------------------------------------------------------
-
-def heart_rate(ecg: np.ndarray, fs: float = 200.0) -> float:
-    """Beats per minute of one window ``(L, N, 200)`` from R peaks of the lead with the largest spread."""
-    from scipy.signal import find_peaks
-
-    sig = ecg.reshape(ecg.shape[0], -1)
-    lead = sig[np.argmax(sig.std(axis=1))]
-    lead = lead - np.median(lead)
-    if np.abs(lead.min()) > np.abs(lead.max()):  # inverted QRS
-        lead = -lead
-    peaks, _ = find_peaks(lead, distance=int(0.33 * fs), height=0.5 * np.percentile(lead, 99))
-    if len(peaks) < 2:
-        return float("nan")
-    return 60.0 * fs / float(np.median(np.diff(peaks)))
-
-
-def handcrafted_features(w: TrialWindows, fs: float = 200.0) -> np.ndarray:
-    """Per window: log EEG band powers (channel-averaged per band, plus per channel) and ECG heart rate."""
-    from scipy.signal import welch
-
-    eeg = w.eeg.reshape(w.eeg.shape[0], w.eeg.shape[1], -1)
-    f, pxx = welch(eeg, fs=fs, nperseg=int(2 * fs), axis=-1)
-    bands = [np.log(pxx[..., (f >= lo) & (f < hi)].mean(-1) + 1e-12) for lo, hi in EEG_BANDS.values()]
-    per_ch = np.concatenate(bands, axis=1)  # (W, C*5)
-    hr = np.array([heart_rate(e, fs) for e in w.ecg])
-    hr = np.where(np.isfinite(hr), hr, np.nanmedian(hr) if np.isfinite(hr).any() else 70.0)
-    return np.concatenate([per_ch, np.stack([b.mean(1) for b in bands], 1), hr[:, None]], axis=1)
-
-
-BASELINE_CS = (0.001, 0.01, 0.1, 1.0)
-
-
-def baseline_classifier(x: np.ndarray, y: np.ndarray, subjects: np.ndarray):
-    """Standardise + class-balanced logistic regression, its inverse regularisation C chosen from
-    ``BASELINE_CS`` by an inner split of the *training* subjects (group k-fold, AUC) — the held-out subject
-    never influences the choice. With too few training subjects or a one-class inner fold, C = 0.1."""
-    uniq = np.unique(subjects)
-    k = min(5, len(uniq))
-    best_c = 0.1
-    if k >= 2:
-        from sklearn.model_selection import GroupKFold
-
-        splits = list(GroupKFold(n_splits=k).split(x, y, groups=subjects))
-        if all(len(set(y[tr_].tolist())) == 2 and len(set(y[va].tolist())) == 2 for tr_, va in splits):
-            scores = []
-            for c in BASELINE_CS:
-                clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c, class_weight="balanced"))
-                scores.append(np.mean([roc_auc_score(y[va], clf.fit(x[tr_], y[tr_]).predict_proba(x[va])[:, 1])
-                                       for tr_, va in splits]))
-            best_c = BASELINE_CS[int(np.argmax(scores))]
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=best_c, class_weight="balanced"))
-    clf.fit(x, y)
-    clf.chosen_c = best_c
-    return clf
 
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -133,6 +76,7 @@ class EvalConfig:
     k: int = 5
     seed: int = 0
     fit: FitConfig = field(default_factory=FitConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     pooling: str = "mean"
     head: str = "mlp"
     baseline_correction: bool = False
@@ -144,74 +88,96 @@ class FoldOutput:
     train_index: np.ndarray
     test_index: np.ndarray
     probs: dict[str, np.ndarray]  # model -> (W_test, T)
-    models: dict[str, FusionModel]
-    baseline_c: list[float] = field(default_factory=list)  # the baseline's chosen C per target
+    models: dict[str, FusionModel]  # fusion, eeg, ecg
+    baselines: list[Baseline]  # one per target
+    choices: dict = field(default_factory=dict)  # what the inner selection chose, with its scores
 
 
 def cached_embeddings(template: FusionModel, w: TrialWindows, baseline_correction: bool = False,
                       progress: bool = True) -> dict[str, torch.Tensor]:
+    """Frozen-encoder embeddings of every window, encoded trial by trial: a window's embedding depends on
+    its own trial only (batch composition changes the last bits of CPU GEMMs), never on other subjects."""
     from tqdm.auto import tqdm
 
     embs = {}
+    trials = np.unique(w.trial)
     for m in tqdm(("eeg", "ecg"), desc="embed windows (frozen encoders)", disable=not progress):
         x = w.eeg if m == "eeg" else w.ecg
-        e = embed_all(template, m, x)
-        if baseline_correction:
-            for t, (be, bc) in w.baseline_of.items():
-                b = be if m == "eeg" else bc
+        e = torch.zeros(len(x), DIM)
+        for t in trials:
+            sel = np.flatnonzero(w.trial == t)
+            e[torch.from_numpy(sel)] = embed_all(template, m, x[sel])
+            if baseline_correction and t in w.baseline_of:
+                b = w.baseline_of[t][0 if m == "eeg" else 1]
                 if len(b):
-                    e[w.trial == t] -= embed_all(template, m, b).mean(0)
+                    e[torch.from_numpy(sel)] -= embed_all(template, m, b).mean(0)
         embs[m] = e
     return embs
+
+
+def fit_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y: np.ndarray, w: TrialWindows,
+             train: np.ndarray, cfg: EvalConfig) -> tuple[dict[str, FusionModel], list[Baseline], dict]:
+    """Every model of a fold (fusion, EEG-only, ECG-only, the baseline per target) from the windows ``train``
+    only, and the choices the inner selection made."""
+    subjects = w.subject[train]
+    baselines = [fit_baseline(feats[train], y[train, j], subjects, cfg.select.inner_k)
+                 if len(np.unique(y[train, j])) == 2 else Baseline.constant(float(y[train, j].mean()), feats.shape[1])
+                 for j in range(y.shape[1])]
+    if cfg.fit.mode == "frozen":
+        if cfg.pooling == "attention":
+            raise ValueError("attention pooling learns from tokens: use --mode finetune (frozen mode caches pooled means)")
+        models, choices = fit_models({m: e[torch.from_numpy(train)] for m, e in embs.items()}, y[train], subjects,
+                                     encoders, cfg.fit, cfg.select, head=cfg.head, pooling=cfg.pooling)
+    else:
+        models = {}
+        choices = {"note": "finetune mode: every model trained once with the given settings, no inner selection"}
+        for name, use in (("fusion", ("eeg", "ecg")), ("eeg", ("eeg",)), ("ecg", ("ecg",))):
+            torch.manual_seed(cfg.seed)  # head initialisation: the same in every fold and run
+            # Each model fine-tunes its own copy of the encoders, or the next fold would start from encoders
+            # trained on its test subject.
+            enc = {m: copy.deepcopy(e) for m, e in encoders.items()}
+            model = FusionModel(enc["eeg"], enc["ecg"], num_outputs=y.shape[1], pooling=cfg.pooling,
+                                head=cfg.head, use=use)
+            fit(model, y[train], cfg.fit, windows={m: getattr(w, m)[train] for m in use})
+            models[name] = model
+    choices["baseline"] = [{"C": b.C, "inner_auc": b.inner_auc, "grid": b.grid} for b in baselines]
+    return models, baselines, choices
 
 
 def run_fold(encoders: dict, embs: dict[str, torch.Tensor], feats: np.ndarray, y: np.ndarray, w: TrialWindows,
              test_subjects: list[str], cfg: EvalConfig) -> FoldOutput:
     test = np.isin(w.subject, test_subjects)
     tr, te = np.flatnonzero(~test), np.flatnonzero(test)
-    probs, models = {}, {}
-    for name, use in (("fusion", ("eeg", "ecg")), ("eeg", ("eeg",)), ("ecg", ("ecg",))):
-        torch.manual_seed(cfg.seed)  # head initialisation: the same in every fold and run
-        # Fine-tuning changes the encoders: each model gets its own copy, or the next fold would start from
-        # encoders that were trained on its test subject.
-        enc = encoders if cfg.fit.mode == "frozen" else {m: copy.deepcopy(e) for m, e in encoders.items()}
-        model = FusionModel(enc["eeg"], enc["ecg"], num_outputs=y.shape[1], pooling=cfg.pooling,
-                            head=cfg.head, use=use)
-        if cfg.pooling == "attention" and cfg.fit.mode == "frozen":
-            raise ValueError("attention pooling learns from tokens: use --mode finetune (frozen mode caches pooled means)")
-        if cfg.fit.mode == "frozen":
-            fit(model, y[tr], cfg.fit, embs={m: embs[m][tr] for m in use})
-            te_embs = {m: embs[m][te] for m in use}
-        else:
-            fit(model, y[tr], cfg.fit, windows={m: getattr(w, m)[tr] for m in use})
-            te_embs = {m: embed_all(model, m, getattr(w, m)[te]) for m in use}
-        with torch.no_grad():
+    models, baselines, choices = fit_fold(encoders, embs, feats, y, w, tr, cfg)
+    probs = {}
+    with torch.no_grad():
+        for name, model in models.items():
             model.eval()
+            use = model.cfg.use
+            te_embs = ({m: embs[m][torch.from_numpy(te)] for m in use} if cfg.fit.mode == "frozen"
+                       else {m: embed_all(model, m, getattr(w, m)[te]) for m in use})
             probs[name] = torch.sigmoid(model.head_logits(te_embs)).numpy()
             if name == "fusion":  # missing-modality evaluation of the same fusion model
                 probs["fusion[eeg only]"] = torch.sigmoid(model.head_logits({"eeg": te_embs["eeg"], "ecg": None})).numpy()
                 probs["fusion[ecg only]"] = torch.sigmoid(model.head_logits({"eeg": None, "ecg": te_embs["ecg"]})).numpy()
-        models[name] = model
-    base, chosen = np.zeros((len(te), y.shape[1])), []
-    for j in range(y.shape[1]):
-        if len(set(y[tr, j].tolist())) < 2:
-            base[:, j] = y[tr, j].mean()
-            continue
-        clf = baseline_classifier(feats[tr], y[tr, j], w.subject[tr])
-        base[:, j] = clf.predict_proba(feats[te])[:, 1]
-        chosen.append(clf.chosen_c)
-    probs["baseline"] = base
-    return FoldOutput(test_subjects, tr, te, probs, models, chosen)
+    probs["baseline"] = np.stack([b.predict_proba(feats[te]) for b in baselines], axis=1)
+    order = ("fusion", "fusion[eeg only]", "fusion[ecg only]", "eeg", "ecg", "baseline")
+    return FoldOutput(list(test_subjects), tr, te, {k: probs[k] for k in order}, models, baselines, choices)
 
 
 def evaluate(w: TrialWindows, y: np.ndarray, targets: list[str], encoders: dict, cfg: EvalConfig,
-             progress: bool = True, on_fold=None) -> tuple[dict, dict]:
-    """Run every fold; returns (results by model -> target -> metric, pooled predictions for plots)."""
+             progress: bool = True, on_fold=None, embs: dict[str, torch.Tensor] | None = None,
+             feats: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Run every fold; returns (results by model -> target -> metric, pooled predictions for plots).
+    ``embs`` / ``feats``: the frozen embeddings and hand-crafted features of every window when already
+    computed (``cached_embeddings``, ``handcrafted_features``); neither depends on labels or other windows."""
     from tqdm.auto import tqdm
 
-    template = FusionModel(encoders["eeg"], encoders["ecg"], num_outputs=len(targets))
-    embs = cached_embeddings(template, w, cfg.baseline_correction, progress) if cfg.fit.mode == "frozen" else {}
-    feats = handcrafted_features(w)
+    if embs is None and cfg.fit.mode == "frozen":
+        template = FusionModel(encoders["eeg"], encoders["ecg"], num_outputs=len(targets))
+        embs = cached_embeddings(template, w, cfg.baseline_correction, progress)
+    embs = embs or {}
+    feats = handcrafted_features(w) if feats is None else feats
     folds = subject_folds(w.subject, cfg.scheme, cfg.k, cfg.seed)
     per_fold: dict = {}
     pooled_prob: dict = {}
