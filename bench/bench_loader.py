@@ -11,7 +11,7 @@ more than any CPU cache), read from the page cache. Batch 128 (the pretraining d
 Variants, in one process, interleaved round by round after a warm-up round each, medians of windows/s:
 ``bare``: per shard ``a[np.sort(rows)]`` on the memory-mapped float16 array + ``torch.from_numpy`` (float32:
 then ``.float()``), the batches drawn from the loader's own epoch permutations; ``loader``: ``CorpusLoader``
-in-process and with 1, 2 (and more, where the machine has the cores) worker processes, float16 and float32
+in-process and with 1, 2 (and 4, where the machine has 5 cores or more) worker processes, float16 and float32
 out. The consumer of every variant reads one value per 4 KB page of each batch (as a copy to the GPU or the
 model would: memory a worker wrote must be mapped here too). The main process runs one torch thread. Each
 round begins with the batches that workers have in flight, untimed (they were read while other variants ran).
@@ -124,8 +124,7 @@ def _round(step, lead_in: int, device: str | None) -> float:
 
 
 def _worker_counts() -> list[int]:
-    cores = os.cpu_count() or 1
-    return [1, 2] + [w for w in (4, 8) if w <= cores - 1]
+    return [1, 2] + ([4] if (os.cpu_count() or 1) >= 5 else [])
 
 
 def _gpu_demand(shape: tuple[int, ...]) -> dict:
@@ -212,6 +211,8 @@ def _report(corpus: Path, man: dict, rates: dict[str, list[float]]) -> dict:
     doc = {
         "what": f"windows/s of CorpusLoader (batch {BATCH}) vs a bare memory-mapped float16 gather of the same "
                 "shards, consumer reading one value per 4 KB page; and the windows/s a GPU training step consumes",
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("CBRAMOD_BENCH_CORPUS", "CBRAMOD_BENCH_LOADER_BATCH")
+                           if os.environ.get(k)) + "pytest bench/bench_loader.py",
         "device": {"cpu": cpu_model(), "uarch": cpu_uarch(), "cores": os.cpu_count(), "main_torch_threads": 1,
                    "gpu": torch.cuda.get_device_name() if cuda else None},
         "corpus": {"path": str(corpus) if os.environ.get("CBRAMOD_BENCH_CORPUS") else

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import DATA
 from safetensors.torch import save_file
 
 from cbramod_fast import CBraMod
-
-from conftest import DATA
 
 WEIGHTS = DATA / "cbramod_weights_seed3_layers2.pth"
 CASES = DATA / "cbramod_cases_seed3_layers2.pt"
