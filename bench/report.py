@@ -8,10 +8,9 @@ Run it after committing new result files (bench/results/*.json) and commit the t
 
 Generated blocks, each between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` wherever a document has one:
 ``bench-cpu-classes`` (one row per CPU class: our fp32 / bf16 model against the original, from the runs made
-with ``--original``), ``bench-headline`` (every 19×30 inference result of the fast model) and
-``bench-results`` (every result file in full). Only ``cbramod-fast bench`` result files (schema
-``cbramod-fast-bench/1``) are rendered; the full tables are the same ``markdown_table`` the CLI prints, so no
-number in either document is typed by hand.
+with ``--original``; the README's headline table) and ``bench-results`` (every result file in full). Only
+``cbramod-fast bench`` result files (schema ``cbramod-fast-bench/1``) are rendered; the full tables are the
+same ``markdown_table`` the CLI prints, so no number in either document is typed by hand.
 """
 
 from __future__ import annotations
@@ -100,30 +99,6 @@ def render(docs: list[tuple[Path, dict]], base: Path = DOCS.parent) -> str:
     return "\n".join(parts).rstrip()
 
 
-def render_headline(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
-    """One row per fast-model result at 19×30 inference: p50 latency and its ratios to the in-repo
-    reference and, where the run timed it, to the original implementation (same dtype, and its fp32)."""
-    lines = [("| device (torch threads) | batch | dtype | p50 ms | × reference | × original | × original fp32 | "
-              "result file |"), "|---|---:|---|---:|---:|---:|---:|---|"]
-    for path, doc in docs:
-        rows = [r for r in doc["results"] if r["mode"] == "infer" and (r["channels"], r["patches"]) == (19, 30)
-                and r["latency_s"]]
-        orig = {(r["batch"], r["dtype"]): r["latency_s"]["p50"] for r in rows if r["model"] == "original"}
-        dev = doc["device"]
-        for r in rows:
-            if r["model"] != "fast":
-                continue
-            p50 = r["latency_s"]["p50"]
-            vs = [orig.get(key) for key in ((r["batch"], r["dtype"]), (r["batch"], "fp32"))]
-            cells = [f"{v / p50:.2f}" if v else "–" for v in vs]
-            lines.append(f"| {device_label(dev)} ({dev['torch_threads']}) | {r['batch']} | {r['dtype']} | "
-                         f"{p50 * 1e3:.1f} | {r['speedup_vs_reference']:.2f} | {cells[0]} | {cells[1]} | "
-                         f"[`{path.stem}`]({_link(path, base)}) |")
-    if len(lines) == 2:
-        return "No 19×30 inference results yet: run `cbramod-fast bench` and then `python bench/report.py`."
-    return "\n".join(lines)
-
-
 # The per-CPU-class table: (column heading, shape, batch, our dtype, the original's dtype); a cell is the
 # original's p50 / ours, both eager, from one run.
 CLASS_CELLS = (
@@ -182,8 +157,7 @@ def render_cpu_classes(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"bench-cpu-classes": render_cpu_classes, "bench-headline": render_headline,
-             "bench-results": render}
+RENDERERS = {"bench-cpu-classes": render_cpu_classes, "bench-results": render}
 
 
 def markers(name: str) -> tuple[str, str]:
