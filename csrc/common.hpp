@@ -18,6 +18,7 @@
 #include <vector>
 
 #ifdef __linux__
+#include <dlfcn.h>
 #include <sched.h>
 #endif
 
@@ -100,6 +101,61 @@ void parallel_for(int64_t n, int threads, Fn fn) {
     st->cv.wait(lk, [&] { return st->active == 0; });
   }
   if (st->error) std::rethrow_exception(st->error);
+}
+
+// The OpenMP runtime torch has loaded into the process, if any: libgomp's GOMP_parallel, looked up at run
+// time (the extension links no OpenMP, so the signal functions stay free of torch). Not cached while absent:
+// the encoder kernels are only called once torch is imported.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+inline GompParallel process_openmp() {
+#ifdef __linux__
+  static std::atomic<GompParallel> cached{nullptr};
+  GompParallel f = cached.load(std::memory_order_acquire);
+  if (!f) {
+    f = reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    if (f) cached.store(f, std::memory_order_release);
+  }
+  return f;
+#else
+  return nullptr;
+#endif
+}
+
+// parallel_for on the team of torch's own OpenMP threads where there is one: between two GEMMs those threads
+// spin waiting for work, so fresh threads of ours would share their cores with spinning ones. The encoder's
+// C++ kernels use this; elsewhere (or when no OpenMP is loaded) it is parallel_for.
+template <typename Fn>
+void parallel_for_team(int64_t n, int threads, Fn fn) {
+  threads = resolve_threads(threads, n);
+  GompParallel omp = threads > 1 && n > 1 ? process_openmp() : nullptr;
+  if (!omp) {
+    parallel_for(n, threads, fn);
+    return;
+  }
+  struct Team {
+    std::atomic<int64_t> next{0};
+    int64_t n, grain;
+    Fn* fn;
+    std::mutex mu;
+    std::exception_ptr error;
+  } team;
+  team.n = n;
+  team.grain = std::max<int64_t>(1, n / (int64_t{4} * threads));
+  team.fn = &fn;
+  // Every member of the team takes chunks from the shared counter; exceptions must not leave the region.
+  auto body = [](void* p) {
+    Team& t = *static_cast<Team*>(p);
+    try {
+      for (int64_t b = t.next.fetch_add(t.grain); b < t.n; b = t.next.fetch_add(t.grain))
+        (*t.fn)(b, std::min(t.n, b + t.grain));
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(t.mu);
+      if (!t.error) t.error = std::current_exception();
+      t.next.store(t.n);
+    }
+  };
+  omp(body, &team, static_cast<unsigned>(threads), 0);
+  if (team.error) std::rethrow_exception(team.error);
 }
 
 }  // namespace cbf

@@ -91,7 +91,7 @@ void register_encoder_cpu(py::module_& m) {
       [](uintptr_t ptr, int64_t n, int threads) {
         float* x = reinterpret_cast<float*>(ptr);
         py::gil_scoped_release release;
-        parallel_for((n + 4095) / 4096, threads, [&](int64_t b, int64_t e) {
+        parallel_for_team((n + 4095) / 4096, threads, [&](int64_t b, int64_t e) {
           const int64_t lo = b * 4096, hi = std::min(n, e * 4096);
 #ifdef CBF_HAVE_AVX2_ENCODER
           if (encoder_avx2()) return avx2::round_bf16(x + lo, hi - lo);
@@ -107,7 +107,7 @@ void register_encoder_cpu(py::module_& m) {
         float* x = reinterpret_cast<float*>(ptr);
         const float* b = reinterpret_cast<const float*>(bias);
         py::gil_scoped_release release;
-        parallel_for((rows + 15) / 16, threads, [&](int64_t lo, int64_t hi) {
+        parallel_for_team((rows + 15) / 16, threads, [&](int64_t lo, int64_t hi) {
           const int64_t r0 = lo * 16, nr = std::min(rows, hi * 16) - r0;
 #ifdef CBF_HAVE_AVX2_ENCODER
           if (encoder_avx2()) return avx2::bias_gelu_rows(x + r0 * row_stride, nr, n, row_stride, b);
@@ -130,7 +130,7 @@ void register_encoder_cpu(py::module_& m) {
         float* hi = reinterpret_cast<float*>(out_hi);
         const int64_t rows = b * c * n;
         py::gil_scoped_release release;
-        parallel_for((rows + 63) / 64, threads, [&](int64_t blo, int64_t bhi) {
+        parallel_for_team((rows + 63) / 64, threads, [&](int64_t blo, int64_t bhi) {
           for (int64_t r = blo * 64; r < std::min(rows, bhi * 64); ++r) {
             const int64_t bi = r / (c * n), ci = (r / n) % c, ni = r % n;
             const int64_t r_lo = lo_bnc ? (bi * n + ni) * c + ci : r;
@@ -148,6 +148,8 @@ void register_encoder_cpu(py::module_& m) {
       py::arg("eps"), py::arg("out_lo"), py::arg("out_hi"), py::arg("split"), py::arg("lo_bnc"),
       py::arg("threads") = 1, "LayerNorm of float32 rows into two destinations (see the source)");
   m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
+  m.def("encoder_thread_team", [] { return std::string(process_openmp() ? "openmp" : "threads"); },
+        "Whose threads the encoder kernels run on: the process's OpenMP team (torch's) or threads of their own");
 }
 
 }  // namespace cbf

@@ -191,3 +191,24 @@ def test_layer_norm_bad_input():
         cpu.layer_norm(x.transpose(1, 2), w, w, 1e-5, torch.empty(2, 4, 3, 8))
     with pytest.raises(ValueError, match="weight and bias"):
         cpu.layer_norm_split(x, torch.ones(9), w, 1e-5, torch.empty(2, 4, 3, 4), torch.empty(2, 3, 4, 4))
+
+
+def test_kernels_run_on_torchs_openmp_team_and_threads_do_not_change_results():
+    # With torch on OpenMP the kernels borrow its team (the threads its GEMMs use); a team of 1, 2 or 3
+    # gives the same bits, since every row is computed by one thread whatever the split.
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() and sys.platform == "linux":
+        assert cpu.thread_team() == "openmp"
+    qkv_s, qkv_t = _inputs(3, 19, 30, 200)
+    x = torch.randn(3 * 19 * 30, 800)
+    bias = torch.randn(800)
+    ln_in, w, b = torch.randn(3, 19, 30, 200), torch.randn(200), torch.randn(200)
+    results = []
+    for threads in (1, 2, 3):
+        att = torch.empty(3, 19, 30, 400)
+        cpu.attention_raw(cpu.attention_args(qkv_s, qkv_t, att), 8, 25, threads)
+        gelu = cpu.bias_gelu_raw(x.clone(), bias, threads)
+        ln_s, ln_t = torch.empty(3, 30, 19, 100), torch.empty(3, 19, 30, 100)
+        cpu.layer_norm_raw(ln_in, w, b, 1e-5, ln_s, ln_t, True, threads)
+        results.append((att, gelu, ln_s, ln_t))
+    for other in results[1:]:
+        assert all(torch.equal(a, o) for a, o in zip(results[0], other))

@@ -31,6 +31,12 @@ def simd_path() -> str | None:
     return _ext.encoder_simd_path() if available() else None
 
 
+def thread_team() -> str | None:
+    """``"openmp"``: the kernels run on torch's OpenMP threads (the ones its GEMMs use); ``"threads"``: on
+    threads of their own (no OpenMP runtime in the process); None without the extension."""
+    return _ext.encoder_thread_team() if available() else None
+
+
 def _check(name: str, t: torch.Tensor) -> None:
     if t.device.type != "cpu" or t.dtype != torch.float32:
         raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")

@@ -223,8 +223,7 @@ def _attn(kind, fr: Frame, qkv_s, qkv_t, heads, threads):
 def _ffn1(kind, fr: Frame, h, w, threads):
     if kind == "onednn+gelu":
         return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
-    # "...,aten-gelu": ATen's GELU, parallel on torch's own OpenMP threads (the C++ kernel's threads compete
-    # with OpenMP workers still spinning after the GEMM)
+    # "...,aten-gelu": ATen's GELU, parallel on torch's own OpenMP threads
     native = cpu.available() and h.dtype == torch.float32 and not kind.endswith("aten-gelu")
     if kind.startswith("onednn,"):
         f = _lp(h, w.l1_p, w.l1_b)
@@ -435,9 +434,8 @@ class _Tuner:
 
 def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
     """Time every candidate of every step on one layer (min of 3 after a warm-up), per precision; then the
-    whole layer with each precision's winners, with the C++ kernels on all torch threads and on one (when
-    torch runs more: OpenMP's workers keep spinning after a parallel GEMM and slow down other threads), and
-    keep the fastest. With ``plain``, the layer's own forward (the training path's plain ops, about the
+    whole layer with each precision's winners, with the C++ kernels on all torch threads (torch's OpenMP team
+    where it has one, see ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's own forward (the training path's plain ops, about the
     original's speed) competes too: the plan is never slower than it on the measured shape."""
     best: tuple[float, Plan] | None = None
     if plain:
