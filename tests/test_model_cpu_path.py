@@ -177,19 +177,21 @@ def test_plain_ops_win_when_they_are_faster(force, monkeypatch):
     the plan runs it."""
     force("auto")
     monkeypatch.setattr(cpu_path, "_PLANS", {})
-    calls = []
+    raced = []
 
-    def fake_time(fn, reps=3):  # _measure times the plain forward first
-        calls.append(fn)
-        fn()
-        return 0.0 if len(calls) == 1 else 1.0
+    def fake_race(fns, rounds=5):  # the finalists: the plain forward first, then the plans
+        raced.append(len(fns))
+        for fn in fns:
+            fn()
+        return [0.0] + [1.0] * (len(fns) - 1)
 
-    monkeypatch.setattr(cpu_path, "_time", fake_time)
+    monkeypatch.setattr(cpu_path, "_race", fake_race)
     fast, ref = _pair()
     x = torch.randn(2, 3, 4, 200)
     with torch.no_grad():
         out = fast(x)
     assert fast.cpu_path.startswith("plain (measured"), fast.cpu_path
+    assert raced and raced[0] >= 2  # the plain forward raced against at least one plan
     assert (out - ref(x)).abs().max().item() <= OUT_ATOL
 
 

@@ -371,6 +371,19 @@ def _time(fn, reps: int = 3) -> float:
     return best
 
 
+def _race(fns: list, rounds: int = 5) -> list[float]:
+    """Each function's best time over interleaved rounds, after a warm-up call each."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
 def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
     """The plan for inference on ``x`` (B, C, N, d) with these layers, or None for the plain path."""
     path = _setting("CBRAMOD_FAST_CPU_PATH", path, PATHS)
@@ -435,11 +448,13 @@ class _Tuner:
 def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
     """Time every candidate of every step on one layer (min of 3 after a warm-up), per precision; then the
     whole layer with each precision's winners, with the C++ kernels on all torch threads (torch's OpenMP team
-    where it has one, see ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's own forward (the training path's plain ops, about the
-    original's speed) competes too: the plan is never slower than it on the measured shape."""
-    best: tuple[float, Plan] | None = None
+    where it has one, see ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's
+    own forward (the training path's plain ops, about the original's speed) competes too: the plan is never
+    slower than it on the measured shape. The finalists are timed in interleaved rounds (min of 5), so that
+    a burst of load from elsewhere does not decide the choice kept for the process's lifetime."""
+    finalists: list[tuple[Plan, object]] = []
     if plain:
-        best = (_time(lambda: layer(x)), Plan("plain", measured=True))
+        finalists.append((Plan("plain", measured=True), lambda: layer(x)))
     threads = torch.get_num_threads()
     for precision, opts in options.items():
         ws = Workspace()
@@ -449,7 +464,6 @@ def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], p
         run_layer(layer, x, tuner, ws)
         for n in sorted({threads, 1}, reverse=True):
             plan = Plan(precision, **tuner.chosen, native_threads=n, measured=True)
-            t = _time(lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws))
-            if best is None or t < best[0]:
-                best = (t, plan)
-    return best[1]
+            finalists.append((plan, lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws)))
+    times = _race([fn for _, fn in finalists])
+    return finalists[times.index(min(times))][0]
