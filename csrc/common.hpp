@@ -44,11 +44,33 @@ inline int resolve_threads(int requested, int64_t work_items) {
   return static_cast<int>(std::min<int64_t>(n, std::max<int64_t>(work_items, 1)));
 }
 
-// Run fn(begin, end) over [0, n) on up to `threads` threads, the caller's included. Chunks (about four per
-// thread) come from a shared counter, so whoever runs takes the work. Helpers are detached: the caller waits
-// only for helpers that are inside a chunk, never for one the OS has not started yet (on a busy machine that
-// wait is a scheduler time slice, longer than a whole record's work); a late helper finds the call closed
-// and exits without touching fn. The first exception is re-thrown on the calling thread.
+// [0, n) handed out in chunks (about four per thread) from a shared counter, so whoever runs takes the work;
+// the first exception stops the handing out and is kept for the calling thread to re-throw.
+struct Chunks {
+  std::atomic<int64_t> next{0};
+  const int64_t n, grain;
+  std::mutex mu;
+  std::exception_ptr error;
+
+  Chunks(int64_t n_, int threads) : n(n_), grain(std::max<int64_t>(1, n_ / (int64_t{4} * threads))) {}
+
+  template <typename Fn>
+  void drain(Fn& fn) noexcept {
+    try {
+      for (int64_t b = next.fetch_add(grain); b < n; b = next.fetch_add(grain)) fn(b, std::min(n, b + grain));
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!error) error = std::current_exception();
+      next.store(n);  // stop handing out work
+    }
+  }
+};
+
+// Run fn(begin, end) over [0, n) on up to `threads` threads, the caller's included, taking Chunks. Helpers
+// are detached: the caller waits only for helpers that are inside a chunk, never for one the OS has not
+// started yet (on a busy machine that wait is a scheduler time slice, longer than a whole record's work); a
+// late helper finds the call closed and exits without touching fn. The first exception is re-thrown on the
+// calling thread.
 template <typename Fn>
 void parallel_for(int64_t n, int threads, Fn fn) {
   threads = resolve_threads(threads, n);
@@ -57,35 +79,24 @@ void parallel_for(int64_t n, int threads, Fn fn) {
     return;
   }
   struct State {
-    std::atomic<int64_t> next{0};
-    std::mutex mu;
+    explicit State(int64_t n, int threads) : chunks(n, threads) {}
+    Chunks chunks;
     std::condition_variable cv;
     bool closed = false;
     int active = 0;
-    std::exception_ptr error;
   };
-  auto st = std::make_shared<State>();
-  const int64_t grain = std::max<int64_t>(1, n / (int64_t{4} * threads));
-  auto run_chunks = [n, grain](State& s, Fn& f) {
-    try {
-      for (int64_t b = s.next.fetch_add(grain); b < n; b = s.next.fetch_add(grain)) f(b, std::min(n, b + grain));
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(s.mu);
-      if (!s.error) s.error = std::current_exception();
-      s.next.store(n);  // stop handing out work
-    }
-  };
+  auto st = std::make_shared<State>(n, threads);
   for (int t = 1; t < threads; ++t) {
     try {
-      std::thread([st, f = &fn, run_chunks] {
+      std::thread([st, f = &fn] {
         {
-          std::lock_guard<std::mutex> lk(st->mu);
+          std::lock_guard<std::mutex> lk(st->chunks.mu);
           if (st->closed) return;
           ++st->active;
         }
-        run_chunks(*st, *f);
+        st->chunks.drain(*f);
         {
-          std::lock_guard<std::mutex> lk(st->mu);
+          std::lock_guard<std::mutex> lk(st->chunks.mu);
           --st->active;
         }
         st->cv.notify_all();
@@ -94,13 +105,13 @@ void parallel_for(int64_t n, int threads, Fn fn) {
       break;  // no more threads available: the ones running (and the caller) do the work
     }
   }
-  run_chunks(*st, fn);
+  st->chunks.drain(fn);
   {
-    std::unique_lock<std::mutex> lk(st->mu);
+    std::unique_lock<std::mutex> lk(st->chunks.mu);
     st->closed = true;
     st->cv.wait(lk, [&] { return st->active == 0; });
   }
-  if (st->error) std::rethrow_exception(st->error);
+  if (st->chunks.error) std::rethrow_exception(st->chunks.error);
 }
 
 // The OpenMP runtime torch has loaded into the process, if any: libgomp's GOMP_parallel, looked up at run
@@ -133,29 +144,16 @@ void parallel_for_team(int64_t n, int threads, Fn fn) {
     return;
   }
   struct Team {
-    std::atomic<int64_t> next{0};
-    int64_t n, grain;
+    Chunks chunks;
     Fn* fn;
-    std::mutex mu;
-    std::exception_ptr error;
-  } team;
-  team.n = n;
-  team.grain = std::max<int64_t>(1, n / (int64_t{4} * threads));
-  team.fn = &fn;
-  // Every member of the team takes chunks from the shared counter; exceptions must not leave the region.
+  } team{{n, threads}, &fn};
+  // Every member of the team drains the same Chunks (drain catches: no exception leaves the region).
   auto body = [](void* p) {
     Team& t = *static_cast<Team*>(p);
-    try {
-      for (int64_t b = t.next.fetch_add(t.grain); b < t.n; b = t.next.fetch_add(t.grain))
-        (*t.fn)(b, std::min(t.n, b + t.grain));
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(t.mu);
-      if (!t.error) t.error = std::current_exception();
-      t.next.store(t.n);
-    }
+    t.chunks.drain(*t.fn);
   };
   omp(body, &team, static_cast<unsigned>(threads), 0);
-  if (team.error) std::rethrow_exception(team.error);
+  if (team.chunks.error) std::rethrow_exception(team.chunks.error);
 }
 
 }  // namespace cbf
