@@ -177,9 +177,11 @@ def test_plain_ops_win_when_they_are_faster(force, monkeypatch):
     the plan runs it."""
     force("auto")
     monkeypatch.setattr(cpu_path, "_PLANS", {})
-    raced = []
+    raced, real_race = [], cpu_path._race
 
     def fake_race(fns, rounds=5):  # the finalists: the plain forward first, then the plans
+        if len(fns) == 1:  # one step candidate's own timing (_time), not the finalists
+            return real_race(fns, rounds)
         raced.append(len(fns))
         for fn in fns:
             fn()

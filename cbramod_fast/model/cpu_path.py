@@ -362,17 +362,12 @@ _PLANS: dict[tuple, Plan] = {}
 
 
 def _time(fn, reps: int = 3) -> float:
-    fn()  # warm-up: weight packing, first-touch of buffers
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return _race([fn], reps)[0]
 
 
 def _race(fns: list, rounds: int = 5) -> list[float]:
-    """Each function's best time over interleaved rounds, after a warm-up call each."""
+    """Each function's best time over interleaved rounds, after a warm-up call each (weight packing,
+    first-touch of buffers)."""
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
