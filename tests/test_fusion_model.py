@@ -190,7 +190,7 @@ def test_late_fusion_mixes_heads_and_falls_back_to_the_present_modality():
     model = FusionModel(*tiny_encoders(), num_outputs=2, head="linear", late=True, branch_heads=("linear", "mlp"),
                         hidden=8).eval()
     everything = torch.ones(1, len(x), dtype=torch.bool)
-    load_head(model, fit_logistic(x, y, everything, (200, 200), [0.1]), 0, head_spec(model))
+    load_head(model, fit_logistic(x, y, everything, (200, 200), [0.1]), 0, head_spec(model.cfg))
     eeg_only = fit_logistic(x[:, :200], y, everything, (200,), [0.1])
     load_head(model, eeg_only, 0, HeadSpec("linear", (200,), 2), branch="eeg")
     ecg_spec = HeadSpec("mlp", (200,), 2, hidden=8)

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from .datasets import TrialWindows
+from .model import rate_logit
 from .select import inner_splits, subject_auc
 
 EEG_BANDS = {"delta": (1, 4), "theta": (4, 8), "alpha": (8, 13), "beta": (13, 30), "gamma": (30, 45)}
@@ -79,10 +80,9 @@ class Baseline:
     @classmethod
     def constant(cls, p: float, n_features: int) -> Baseline:
         """A target with one class among the training windows: its training rate, whatever the features."""
-        q = min(max(p, 1e-6), 1 - 1e-6)
         zeros = [0.0] * n_features
         return cls(C=float("nan"), impute=zeros, mean=zeros, scale=[1.0] * n_features, coef=zeros,
-                   intercept=float(np.log(q / (1 - q))))
+                   intercept=rate_logit(p))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -29,7 +29,7 @@ from ..model import CBraMod
 from ..readers import read_edf_signals
 from . import datasets as ds
 from .baseline import feature_names, handcrafted_features
-from .model import FitConfig, FusionModel
+from .model import HEADS, FitConfig, FusionModel
 from .protocol import EvalConfig, FoldOutput, cached_embeddings, evaluate, fit_fold, markdown_table
 from .select import SelectConfig
 
@@ -139,7 +139,7 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                               epochs=_csv(args.select_epochs, int), mix_step=args.mix_step)
     except ValueError as exc:
         raise UsageError(f"--select-*: {exc}") from exc
-    if not (select.heads and select.weight_decays and select.epochs) or set(select.heads) - {"mlp", "linear"}:
+    if not (select.heads and select.weight_decays and select.epochs) or set(select.heads) - set(HEADS):
         raise UsageError("--select-heads (mlp,linear), --select-weight-decays and --select-epochs need values")
     if args.mix_step and not (0 < args.mix_step <= 1 and abs(round(1 / args.mix_step) * args.mix_step - 1) < 1e-9):
         raise UsageError(f"--mix-step must divide 1 (0.5, 0.25, 0.1, ...), got {args.mix_step}")
@@ -275,7 +275,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze", choices=("eeg", "ecg"), action="append",
                    help="finetune: keep this modality's encoder fixed (repeatable)")
     p.add_argument("--pooling", choices=("mean", "attention"), default="mean")
-    p.add_argument("--head", choices=("mlp", "linear"), default="mlp")
+    p.add_argument("--head", choices=HEADS, default="mlp")
     p.add_argument("--epochs", type=int, default=150, help="without inner selection (or finetune): epochs per head")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

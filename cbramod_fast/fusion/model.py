@@ -57,6 +57,11 @@ class FusionConfig:
     late: bool = False  # also a head per modality, mixed with the joint head by the `mix` buffer
     branch_heads: tuple[str, ...] = ()  # late fusion: each modality's head type (default: `head`)
 
+    def __post_init__(self):
+        if self.pooling not in ("mean", "attention") or self.head not in HEADS:
+            raise ValueError(f"pooling must be mean|attention and head mlp|linear, got {self.pooling!r}, "
+                             f"{self.head!r}")
+
 
 HEADS = ("mlp", "linear")
 
@@ -72,8 +77,6 @@ class FusionModel(nn.Module):
                  pooling: str = "mean", head: str = "mlp", **kw):
         super().__init__()
         self.cfg = c = FusionConfig(num_outputs=num_outputs, pooling=pooling, head=head, **kw)
-        if pooling not in ("mean", "attention") or head not in HEADS:
-            raise ValueError(f"pooling must be mean|attention and head mlp|linear, got {pooling!r}, {head!r}")
         self.encoders = nn.ModuleDict({k: e for k, e in (("eeg", eeg_encoder), ("ecg", ecg_encoder)) if e is not None})
         for m in c.use:
             if m not in self.encoders:
@@ -191,8 +194,8 @@ class HeadSpec:
     modality_dropout: float = 0.25
 
 
-def head_spec(model: FusionModel, head: str | None = None, n_blocks: int | None = None) -> HeadSpec:
-    c = model.cfg
+def head_spec(c: FusionConfig, head: str | None = None, n_blocks: int | None = None) -> HeadSpec:
+    """The head a fusion configuration describes, or (``head``, ``n_blocks``) one of its other heads."""
     return HeadSpec(head or c.head, (DIM,) * (n_blocks or len(c.use)), c.num_outputs, c.hidden, c.dropout,
                     c.modality_dropout)
 
@@ -298,6 +301,12 @@ def train_heads(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, spec: Hea
     return snaps, torch.stack(losses)
 
 
+def rate_logit(p: float) -> float:
+    """The logit of a class rate, kept finite: what a model of a one-class target predicts."""
+    q = min(max(p, 1e-6), 1 - 1e-6)
+    return float(np.log(q / (1 - q)))
+
+
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, dims: tuple[int, ...],
                  cs: list[float]) -> dict[str, torch.Tensor]:
     """Linear heads of the frozen mode: for each head ``g``, an L2-regularised, class-balanced logistic
@@ -318,8 +327,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, dims: tu
         for j in range(t):
             yj = yt[sel, j].numpy()
             if len(np.unique(yj)) < 2:  # one class: its rate, whatever the input
-                q = min(max(float(yj.mean()), 1e-6), 1 - 1e-6)
-                b[i, j] = float(np.log(q / (1 - q)))
+                b[i, j] = rate_logit(float(yj.mean()))
                 continue
             clf = LogisticRegression(C=cs[i], class_weight="balanced", max_iter=5000).fit(z, yj)
             w[i, :, j] = torch.from_numpy(clf.coef_[0])
@@ -392,7 +400,7 @@ def fit(model: FusionModel, y: np.ndarray, cfg: FitConfig, embs: dict[str, torch
             raise ValueError("frozen mode needs cached embeddings")
         if model.branches is not None:
             raise ValueError("a late-fusion model is assembled from separately trained heads (fusion.select)")
-        spec = head_spec(model)
+        spec = head_spec(model.cfg)
         x = torch.cat([embs[m] for m in use], 1)
         everything = torch.ones(1, len(yt), dtype=torch.bool)
         if spec.head == "linear":

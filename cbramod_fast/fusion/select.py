@@ -23,7 +23,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 
-from .model import DIM, FitConfig, FusionModel, HeadSpec, fit_logistic, load_head, stack_logits, train_heads
+from .model import (
+    FitConfig,
+    FusionConfig,
+    FusionModel,
+    HeadSpec,
+    fit_logistic,
+    head_spec,
+    load_head,
+    stack_logits,
+    train_heads,
+)
 
 
 @dataclass
@@ -173,11 +183,11 @@ def fit_models(embs: dict[str, torch.Tensor], y: np.ndarray, subjects: np.ndarra
         why = "selection off" if not sel.enabled else "fewer than 2 training subjects"
         choices["note"] = (f"{why}: every head trained with the given settings, without inner selection; "
                            "the fusion is the joint head alone")
-    template = FusionModel(encoders["eeg"], encoders["ecg"], t, head=head, **model_kw).cfg
+    template = FusionConfig(num_outputs=t, head=head, **model_kw)
     fitted, oof = {}, {}
     for name, use in GROUPS.items():
         x = torch.cat([embs[m] for m in use], 1)
-        spec = HeadSpec(head, (DIM,) * len(use), t, template.hidden, template.dropout, template.modality_dropout)
+        spec = head_spec(template, head, len(use))
         best, record = default, {}
         if splits:
             grid = _oof_grid(x, yt, splits, spec, fit_cfg, sel)
@@ -202,16 +212,16 @@ def fit_models(embs: dict[str, torch.Tensor], y: np.ndarray, subjects: np.ndarra
     load_head(fusion, fitted["joint"][0], 0, fitted["joint"][1])
     for m in ("eeg", "ecg"):
         load_head(fusion, fitted[m][0], 0, fitted[m][1], branch=m)
+    joint_only = {"weights": {"joint": 1.0, "eeg": 0.0, "ecg": 0.0}}
     mix = []
     if len(oof) == len(GROUPS) and sel.mix_step > 0:
         for j in range(t):
             if len(np.unique(y[:, j])) < 2:
-                mix.append(({"weights": {"joint": 1.0, "eeg": 0.0, "ecg": 0.0}, "note": "one class"},
-                            [1.0, 0.0, 0.0, 0.0]))
+                mix.append(({**joint_only, "note": "one class"}, [1.0, 0.0, 0.0, 0.0]))
                 continue
             mix.append(choose_mix({k: oof[k][:, j] for k in ("joint", "eeg", "ecg")}, y[:, j], subjects, sel.mix_step))
         with torch.no_grad():
             fusion.mix.copy_(torch.tensor([row for _, row in mix], dtype=fusion.mix.dtype))
-    choices["fusion"] = [rec for rec, _ in mix] or [{"weights": {"joint": 1.0, "eeg": 0.0, "ecg": 0.0}}] * t
+    choices["fusion"] = [rec for rec, _ in mix] or [joint_only] * t
     models["fusion"] = fusion.eval()
     return models, choices
