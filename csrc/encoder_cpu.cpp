@@ -70,6 +70,56 @@ AttentionHalf half_from(const py::tuple& t) {
   return h;
 }
 
+// The GEMMs' work items: blocks of up to kRows rows (gemm_block's scratch) against blocks of panels of about
+// 256 KB in all; row blocks innermost, so that a thread's consecutive items share their panels (in L2).
+struct GemmBlocks {
+  static constexpr int64_t kRows = 48, kDepth = 256;
+  std::vector<int64_t> first;  // first item of each task (and the total at the end)
+  std::vector<int64_t> row_blocks, panels_per_block;
+
+  explicit GemmBlocks(const std::vector<GemmTask>& ts) {
+    first.push_back(0);
+    for (const auto& g : ts) {
+      const int64_t panels = (g.n + 15) / 16;
+      const int64_t per = std::max<int64_t>(1, (int64_t{256} << 10) / (g.k * 64));
+      row_blocks.push_back((g.m + kRows - 1) / kRows);
+      panels_per_block.push_back(per);
+      first.push_back(first.back() + row_blocks.back() * ((panels + per - 1) / per));
+    }
+  }
+};
+
+void run_gemms(const std::vector<GemmTask>& ts, int threads) {
+  const GemmBlocks blocks(ts);
+  parallel_for_team(blocks.first.back(), threads, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      size_t t = std::upper_bound(blocks.first.begin(), blocks.first.end(), item) - blocks.first.begin() - 1;
+      const GemmTask& g = ts[t];
+      const int64_t local = item - blocks.first[t], rb = local % blocks.row_blocks[t];
+      const int64_t pb = local / blocks.row_blocks[t], per = blocks.panels_per_block[t];
+      const int64_t r0 = rb * GemmBlocks::kRows, r1 = std::min(g.m, r0 + GemmBlocks::kRows);
+      const int64_t p0 = pb * per, p1 = std::min((g.n + 15) / 16, p0 + per);
+#ifdef CBF_HAVE_AVX2_ENCODER
+      if (encoder_avx2()) {
+        avx2::gemm_block(g, r0, r1, p0, p1, GemmBlocks::kDepth);
+        continue;
+      }
+#endif
+      base::gemm_block(g, r0, r1, p0, p1, GemmBlocks::kDepth);
+    }
+  });
+}
+
+GemmTask gemm_from(const py::tuple& t) {
+  if (t.size() != 12) throw std::invalid_argument("gemm: expected 12 values");
+  auto i = [&](int k) { return t[k].cast<int64_t>(); };
+  auto f = [&](int k) { return reinterpret_cast<float*>(t[k].cast<uintptr_t>()); };
+  GemmTask g{f(0), i(1), f(2), f(3), f(4), i(5), f(6), i(7), i(8), i(9), i(10), t[11].cast<bool>()};
+  if (g.m < 0 || g.n < 1 || g.k < 1 || !g.a || !g.b_packed || !g.out)
+    throw std::invalid_argument("gemm: bad sizes or null pointer");
+  return g;
+}
+
 }  // namespace
 
 void register_encoder_cpu(py::module_& m) {
@@ -147,6 +197,17 @@ void register_encoder_cpu(py::module_& m) {
       py::arg("x"), py::arg("b"), py::arg("c"), py::arg("n"), py::arg("d"), py::arg("w"), py::arg("bias"),
       py::arg("eps"), py::arg("out_lo"), py::arg("out_hi"), py::arg("split"), py::arg("lo_bnc"),
       py::arg("threads") = 1, "LayerNorm of float32 rows into two destinations (see the source)");
+  m.def(
+      "gemm_f32",
+      [](const py::list& tasks, int threads) {
+        std::vector<GemmTask> ts;
+        for (const auto& t : tasks) ts.push_back(gemm_from(t.cast<py::tuple>()));
+        py::gil_scoped_release release;
+        run_gemms(ts, threads);
+      },
+      py::arg("tasks"), py::arg("threads") = 1,
+      "float32 GEMMs with epilogue, all in one parallel pass: tasks are (a, lda, b_packed, bias, res, ldr, out, "
+      "ldo, m, n, k, gelu) tuples (pointers as integers, 0 = none; strides in elements), see GemmTask");
   m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
   m.def("encoder_thread_team", [] { return std::string(process_openmp() ? "openmp" : "threads"); },
         "Whose threads the encoder kernels run on: the process's OpenMP team (torch's) or threads of their own");

@@ -21,3 +21,23 @@ struct AttentionHalf {
 };
 
 }  // namespace cbf
+
+namespace cbf {
+
+// One GEMM of the encoder with its epilogue: out[i, :n] = act(a[i, :k] @ B + bias + res[i, :n]) for i < m.
+// B comes pre-packed in panels of 16 columns: panel p holds B[:, 16p .. 16p+16) as k rows of 16 values (zero
+// past n), so the inner loop reads it contiguously. bias and res may be null; res may alias out (in place).
+struct GemmTask {
+  const float* a;
+  int64_t lda;
+  const float* b_packed;
+  const float* bias;
+  const float* res;
+  int64_t ldr;
+  float* out;
+  int64_t ldo;
+  int64_t m, n, k;
+  bool gelu;
+};
+
+}  // namespace cbf

@@ -1,4 +1,5 @@
-"""The C++ criss-cross attention (CPU inference) and bf16 rounding against PyTorch references."""
+"""The C++ CPU inference kernels (criss-cross attention, GEMM with epilogue, LayerNorm, bias + GELU, bf16
+rounding) against PyTorch references."""
 
 from __future__ import annotations
 
@@ -128,6 +129,11 @@ def test_baseline_build_matches():
             "gold = r.criss_cross_attention_naive(s.double(), t.double(), 4);"
             "err = (k.criss_cross_attention_cpu(s, t, 4).double() - gold).abs().max().item();"
             "ref = (r.criss_cross_attention(s, t, 4).double() - gold).abs().max().item();"
+            "assert err <= 2 * ref + 1e-6, (err, ref);"
+            "a = torch.randn(50, 300, generator=g); w = torch.randn(37, 300, generator=g) / 17;"
+            "gold = torch.nn.functional.gelu(a.double() @ w.double().t());"
+            "err = (k.linear(a, k.pack_weight(w), 37, gelu=True).double() - gold).abs().max().item();"
+            "ref = (torch.nn.functional.gelu(a @ w.t()).double() - gold).abs().max().item();"
             "assert err <= 2 * ref + 1e-6, (err, ref); print('ok')")
     env = dict(os.environ, CBRAMOD_FAST_SIMD="baseline")
     # outside the checkout: `python -c` puts the cwd on sys.path, and the source tree has no built _ext
@@ -202,6 +208,7 @@ def test_kernels_run_on_torchs_openmp_team_and_threads_do_not_change_results():
     x = torch.randn(3 * 19 * 30, 800)
     bias = torch.randn(800)
     ln_in, w, b = torch.randn(3, 19, 30, 200), torch.randn(200), torch.randn(200)
+    a, wl = torch.randn(3 * 19 * 30, 200), cpu.pack_weight(torch.randn(800, 200))
     results = []
     for threads in (1, 2, 3):
         att = torch.empty(3, 19, 30, 400)
@@ -209,6 +216,68 @@ def test_kernels_run_on_torchs_openmp_team_and_threads_do_not_change_results():
         gelu = cpu.bias_gelu_raw(x.clone(), bias, threads)
         ln_s, ln_t = torch.empty(3, 30, 19, 100), torch.empty(3, 19, 30, 100)
         cpu.layer_norm_raw(ln_in, w, b, 1e-5, ln_s, ln_t, True, threads)
-        results.append((att, gelu, ln_s, ln_t))
+        lin = torch.empty(3 * 19 * 30, 800)
+        cpu.gemm_raw([cpu.gemm_task(a, wl, lin, bias, x, True)], threads)
+        results.append((att, gelu, ln_s, ln_t, lin))
     for other in results[1:]:
         assert all(torch.equal(a, o) for a, o in zip(results[0], other))
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 100, 300), (960, 100, 100), (13, 800, 200), (120, 200, 800),
+                                     (50, 257, 17), (5, 3, 33)])
+def test_linear_matches_torch(m, k, n):
+    """Every epilogue (bias, residual, GELU) on the tile shapes' edges: rows not a multiple of 6, columns not
+    a multiple of 16, depth over one k block (256); 2x-PyTorch rule against float64 (plus a floor of 1e-6
+    of the output's scale)."""
+    g = torch.Generator().manual_seed(m * k + n)
+    a = torch.randn(m, k, generator=g)
+    w, bias, res = torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    packed = cpu.pack_weight(w)
+    for b, r, gelu in ((None, None, False), (bias, None, True), (bias, res, False), (None, res, True)):
+        pre = a @ w.t() + (0 if b is None else b) + (0 if r is None else r)
+        pre64 = a.double() @ w.double().t() + (0 if b is None else b.double()) + (0 if r is None else r.double())
+        act = torch.nn.functional.gelu
+        gold, ref = (act(pre64), act(pre)) if gelu else (pre64, pre)
+        torch_err = (ref.double() - gold).abs().max().item()
+        got = cpu.linear(a, packed, n, b, r, gelu)
+        err = (got.double() - gold).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6 * gold.abs().max().item(), (b is None, r is None, gelu, err, torch_err)
+
+
+def test_linear_on_column_slices_and_in_place():
+    """The inference path's use: both attention halves' output projections read column slices of one
+    matrix and add into column slices of the residual, in place, in one call; other columns untouched."""
+    g = torch.Generator().manual_seed(5)
+    a, x = torch.randn(61, 200, generator=g), torch.randn(61, 200, generator=g)
+    ws, wt = torch.randn(100, 100, generator=g) / 10, torch.randn(100, 100, generator=g) / 10
+    bs, bt = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    want = x + torch.cat((a[:, :100] @ ws.t() + bs, a[:, 100:] @ wt.t() + bt), 1)
+    ps, pt = cpu.pack_weight(ws), cpu.pack_weight(wt)
+    cpu.gemm_raw([cpu.gemm_task(a[:, :100], ps, x[:, :100], bs, x[:, :100]),
+                  cpu.gemm_task(a[:, 100:], pt, x[:, 100:], bt, x[:, 100:])], 2)
+    assert (x - want).abs().max().item() <= 1e-5
+    wide = torch.zeros(61, 120)
+    cpu.linear(a[:, 100:], pt, 100, out=wide[:, 10:110])
+    assert torch.equal(wide[:, :10], torch.zeros(61, 10)) and torch.equal(wide[:, 110:], torch.zeros(61, 10))
+    assert (wide[:, 10:110] - a[:, 100:] @ wt.t()).abs().max().item() <= 1e-5
+
+
+def test_linear_special_values_and_bad_input():
+    a = torch.tensor([[1.0, float("nan")], [1.0, 2.0], [float("inf"), 0.5]])
+    got = cpu.linear(a, cpu.pack_weight(torch.ones(3, 2)), 3)
+    assert torch.isnan(got[0]).all() and torch.equal(got[1], torch.full((3,), 3.0)) and torch.isinf(got[2]).all()
+    packed = cpu.pack_weight(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="packed must be"):
+        cpu.linear(torch.randn(3, 6), packed, 5)
+    with pytest.raises(ValueError, match="packed must be"):
+        cpu.linear(torch.randn(3, 4), packed, 17)
+    with pytest.raises(ValueError, match="a must be a float32"):
+        cpu.linear(torch.randn(4, 3).t(), packed, 5)
+    with pytest.raises(ValueError, match="a must be a float32"):
+        cpu.linear(torch.randn(3, 4, dtype=torch.float64), packed, 5)
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu.linear(torch.randn(3, 4), packed, 5, bias=torch.randn(4))
+    with pytest.raises(ValueError, match="res must be"):
+        cpu.linear(torch.randn(3, 4), packed, 5, res=torch.randn(2, 5))
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu.linear(torch.randn(3, 4, requires_grad=True), packed, 5)

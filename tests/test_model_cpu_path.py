@@ -29,14 +29,14 @@ def _missing(path: str, attention: str, precision: str = "fp32") -> str | None:
     if precision == "bf16-native":
         if not cpu_path.onednn_bf16_available():
             return f"no oneDNN bf16 GEMMs on this CPU ({torch.backends.cpu.get_cpu_capability()})"
-        if path == "blas" or attention == "cpp":
+        if path in ("blas", "cpp") or attention == "cpp":
             return "native bf16 runs oneDNN GEMMs and the PyTorch attention only"
-    if attention == "cpp" and not cpu.available():
+    if (attention == "cpp" or path == "cpp") and not cpu.available():
         return "the C++ extension is not built"
     return None
 
 
-CONFIGS = [("plain", "auto")] + list(itertools.product(("onednn", "blas"), ("cpp", "torch")))
+CONFIGS = [("plain", "auto")] + list(itertools.product(("onednn", "blas", "cpp"), ("cpp", "torch")))
 
 
 @pytest.fixture
@@ -72,7 +72,8 @@ def test_each_forced_path_matches_fixtures(fixture, path, attention, force):
         used = model.cpu_path
         assert used.startswith("plain") if path == "plain" else f"attn={attention}" in used, used
         if path != "plain":
-            assert all(f"{step}={path}" in used for step in ("qkv", "ffn1", "ffn2")), used
+            steps = ("qkv", "ffn1", "ffn2") + ("out",) * (path != "onednn")  # oneDNN has no out-projection step
+            assert all(f"{step}={path}" in used for step in steps), used
         for name, got, ref in (("feats", feats, case["feats"]), ("out", out, case["out"])):
             err = (got - ref).abs().max().item()
             assert err <= OUT_ATOL, f"{path}/{attention} {tuple(case['x'].shape)} {name}: max abs err {err:.2e}"
@@ -87,7 +88,7 @@ def _pair(n_layer=2):
 
 
 BF16 = [(p, a, prec) for prec in ("bf16-native", "bf16-emulated") for p, a in
-        itertools.product(("onednn", "blas", "auto"), ("cpp", "torch"))]
+        itertools.product(("onednn", "blas", "cpp", "auto"), ("cpp", "torch"))]
 
 
 @pytest.mark.parametrize("path, attention, precision", BF16, ids=["-".join(c) for c in BF16])

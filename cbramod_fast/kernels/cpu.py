@@ -155,3 +155,63 @@ def _check_ln(x, weight, bias, d, *outs):
     for o, shape in outs:
         if tuple(o.shape) != shape:
             raise ValueError(f"layer_norm: out must be {shape}, got {tuple(o.shape)}")
+
+
+# -- GEMM with fused epilogue ---------------------------------------------------------------------------------
+PANEL = 16  # columns per packed panel (the C++ tile width)
+
+
+def gemm_available() -> bool:
+    return _ext is not None and hasattr(_ext, "gemm_f32")
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A ``Linear`` weight (N, K) as the GEMM's packed B = w.T: (ceil(N/16), K, 16) panels, zero past N."""
+    n, k = w.shape
+    panels = -(-n // PANEL)
+    b = w.new_zeros(k, panels * PANEL, dtype=torch.float32)
+    b[:, :n] = w.t()
+    return b.view(k, panels, PANEL).permute(1, 0, 2).contiguous()
+
+
+def gemm_task(a: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+              res: torch.Tensor | None = None, gelu: bool = False) -> tuple:
+    """The native call's description of ``out = act(a @ B + bias + res)`` (unchecked: see ``linear``)."""
+    m, k = a.shape
+    return (a.data_ptr(), a.stride(0), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            0 if res is None else res.data_ptr(), 0 if res is None else res.stride(0), out.data_ptr(), out.stride(0),
+            m, out.shape[1], k, gelu)
+
+
+def gemm_raw(tasks: list[tuple], threads: int) -> None:
+    """Run ``gemm_task`` descriptions, all in one parallel pass (no checks: callers that own the buffers)."""
+    _ext.gemm_f32(tasks, threads)
+
+
+def linear(a: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+           res: torch.Tensor | None = None, gelu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(a @ w.T + bias + res)`` with ``packed = pack_weight(w)``, ``w`` (n, K); float32 matrices with unit
+    last stride (``a``, ``res``, ``out`` may be column slices of wider ones); ``res`` may be ``out`` itself
+    (in place); GELU in erf form."""
+    if not gemm_available():
+        raise RuntimeError("the C++ extension cbramod_fast._ext is not built: reinstall the package")
+    mats = {"a": a, "res": res, "out": out}
+    for name, t in mats.items():
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1):
+            raise ValueError(f"linear: {name} must be a float32 CPU matrix with unit last stride, got {t.dtype} "
+                             f"{tuple(t.shape)} strides {t.stride()} on {t.device}")
+    m, k = a.shape
+    if packed.dtype != torch.float32 or not packed.is_contiguous() or packed.dim() != 3 or \
+            packed.shape[1:] != (k, PANEL) or packed.shape[0] != -(-n // PANEL) or n < 1:
+        raise ValueError(f"linear: packed must be pack_weight of a ({n}, {k}) weight, got {tuple(packed.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"linear: bias must be a contiguous float32 ({n},) tensor, got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    for name, t in (("res", res), ("out", out)):
+        if t is not None and tuple(t.shape) != (m, n):
+            raise ValueError(f"linear: {name} must be ({m}, {n}), got {tuple(t.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, packed, bias, res)):
+        raise RuntimeError("cpu.linear has no backward: it is the inference path's kernel")
+    out = a.new_empty((m, n)) if out is None else out
+    gemm_raw([gemm_task(a, packed, out, bias, res, gelu)], torch.get_num_threads())
+    return out

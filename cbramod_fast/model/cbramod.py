@@ -34,8 +34,8 @@ class CBraMod(nn.Module):
     is what fine-tuning uses. ``mask`` (B, C, N) marks patches replaced by ``mask_encoding`` (1 = masked).
     ``backend``: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
     ``cpu_path``: how CPU inference runs (``cpu_path.py``): ``"auto"`` (the implementation of each step
-    measured fastest on this CPU; ``CBRAMOD_FAST_CPU_PATH`` may force one), ``"onednn"``, ``"blas"`` or
-    ``"plain"``; ``model.cpu_path`` tells what the last CPU inference call ran.
+    measured fastest on this CPU; ``CBRAMOD_FAST_CPU_PATH`` may force one), ``"onednn"``, ``"blas"``,
+    ``"cpp"`` (our GEMM) or ``"plain"``; ``model.cpu_path`` tells what the last CPU inference call ran.
     """
 
     def __init__(self, in_dim: int = 200, out_dim: int = 200, d_model: int = 200, dim_feedforward: int = 800,
@@ -57,7 +57,7 @@ class CBraMod(nn.Module):
         self.set_cpu_path(cpu_path)
 
     def set_cpu_path(self, mode: str) -> None:
-        """Force the CPU inference path: ``"auto"``, ``"onednn"``, ``"blas"`` or ``"plain"``."""
+        """Force the CPU inference path: ``"auto"``, ``"onednn"``, ``"blas"``, ``"cpp"`` or ``"plain"``."""
         if mode not in PATHS:
             raise ValueError(f"unknown cpu_path {mode!r}; expected one of {PATHS}")
         self.encoder.cpu_path = mode

@@ -8,11 +8,14 @@ elsewhere). Every candidate below computes the same function; the plan picks per
 
 Steps and candidates (``Plan`` fields):
   qkv   both in-projections          onednn (pre-packed weights) | blas (``torch.addmm`` into a reused buffer)
+                                     | cpp (both halves in one call of our packed-panel GEMM, ``kernels/cpu.py``)
   attn  criss-cross attention        cpp (``kernels/cpu.py``, float32) | torch (``kernels/reference.py``)
+  out   both output projections      blas (bias add, then ``addmm_`` into the new residual) | cpp (bias and
+        + residual                   residual in the GEMM's epilogue, both halves in one call)
   ffn1  linear1 + GELU               onednn+gelu (fused post-op) | onednn or blas, then the C++ bias+GELU
                                      (",gelu") or ATen's GELU (",aten-gelu", on torch's OpenMP threads)
-  ffn2  linear2 + bias + residual    onednn+add (fused) | blas (``addmm_`` into the residual)
-The output projections (+ residual) always accumulate into the new residual with ``addmm_``.
+                                     | cpp+gelu (bias and GELU in our GEMM's epilogue, on the tile in registers)
+  ffn2  linear2 + bias + residual    onednn+add (fused) | blas (``addmm_`` into the residual) | cpp+add
 
 bf16 (autocast, or a model in bfloat16) runs either ``bf16-native`` (oneDNN bf16 GEMMs, where the CPU
 supports them) or ``bf16-emulated``: float32 GEMMs on operands rounded to bfloat16 (weights once, the
@@ -21,7 +24,8 @@ bf16 GEMM with float32 accumulation, as oneDNN's; other steps stay in float32 (t
 is rounded back to bfloat16 after every layer).
 
 Forcing (tests, users): ``CBraMod(cpu_path=...)`` or ``CBRAMOD_FAST_CPU_PATH`` = ``auto`` (measure) |
-``onednn`` | ``blas`` (all GEMM steps through that library) | ``plain`` (the training path's plain PyTorch
+``onednn`` | ``blas`` | ``cpp`` (all GEMM steps through that library; oneDNN has no output-projection step,
+``onednn`` keeps ``blas`` there) | ``plain`` (the training path's plain PyTorch
 ops, no plan). ``CBRAMOD_FAST_CPU_ATTENTION`` = ``auto`` | ``cpp`` | ``torch`` and
 ``CBRAMOD_FAST_CPU_BF16`` = ``auto`` | ``native`` | ``emulated`` force the other two choices. A forced
 choice this CPU cannot run raises ``RuntimeError`` naming what is missing. ``model.cpu_path`` tells what
@@ -40,7 +44,7 @@ import torch.nn.functional as F
 
 from ..kernels import cpu, reference
 
-PATHS = ("auto", "onednn", "blas", "plain")
+PATHS = ("auto", "onednn", "blas", "cpp", "plain")
 ATTENTION = ("auto", "cpp", "torch")
 BF16 = ("auto", "native", "emulated")
 TUNE_TOKENS = 4096  # plans for bigger batches are measured on a slice of about this many tokens
@@ -71,7 +75,7 @@ def onednn_bf16_available() -> bool:
 
 def capabilities() -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_available(),
-            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu.available(),
+            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu.available(), "cpp_gemm": cpu.gemm_available(),
             "cpp_attention_simd": cpu.simd_path()}
 
 
@@ -103,7 +107,8 @@ def _params(layer) -> tuple[torch.Tensor, ...]:
 class _Weights:
     """One layer's inference weights for one kind: ``fp32``, ``bf16`` (native bf16 GEMMs) or
     ``bf16-rounded`` (float32 holding bf16 values). GEMM weights also come transposed (what ``addmm``
-    takes) and, where oneDNN runs, pre-packed in its blocked layout (saves a reorder in every call).
+    takes), where oneDNN runs pre-packed in its blocked layout (saves a reorder in every call) and, in
+    float32, in our GEMM's panels.
     LayerNorm parameters are kept in float32 and in the GEMMs' dtype."""
 
     def __init__(self, params: tuple[torch.Tensor, ...], kind: str):
@@ -118,6 +123,9 @@ class _Weights:
         if onednn_available() and (kind != "bf16" or onednn_bf16_available()):
             for k in _GEMMS:
                 w[k + "_p"] = _reorder_linear_weight(w[k], None)
+        if kind != "bf16" and cpu.gemm_available():
+            for k in _GEMMS:
+                w[k + "_c"] = cpu.pack_weight(w[k])
         self.__dict__.update(w)
 
 
@@ -199,9 +207,13 @@ def _lp(x, w, b, attr="none"):
 
 
 # -- the steps ------------------------------------------------------------------------------------------------
-def _qkv(kind, fr: Frame, w):
+def _qkv(kind, fr: Frame, w, threads):
     if kind == "onednn":
         return _lp(fr.h_s2, w.in_s_p, w.in_s_b), _lp(fr.h_t2, w.in_t_p, w.in_t_b)
+    if kind == "cpp":
+        cpu.gemm_raw([cpu.gemm_task(fr.h_s2, w.in_s_c, fr.qkv_s, w.in_s_b),
+                      cpu.gemm_task(fr.h_t2, w.in_t_c, fr.qkv_t, w.in_t_b)], threads)
+        return fr.qkv_s, fr.qkv_t
     return (torch.addmm(w.in_s_b, fr.h_s2, w.in_s_t, out=fr.qkv_s),
             torch.addmm(w.in_t_b, fr.h_t2, w.in_t_t, out=fr.qkv_t))
 
@@ -220,7 +232,25 @@ def _attn(kind, fr: Frame, qkv_s, qkv_t, heads, threads):
     return reference.criss_cross_attention(*fr.views4(qkv_s, qkv_t), heads).reshape(fr.tok, fr.d)
 
 
+def _out(kind, fr: Frame, a, x2, w, threads, last):
+    """x2 + [a_s | a_t] @ blockdiag(out_s, out_t)^T + bias, into a new residual buffer."""
+    half = fr.half
+    x = fr.residual(x2, last)
+    if kind == "cpp":
+        cpu.gemm_raw([cpu.gemm_task(a[:, :half], w.out_s_c, x[:, :half], w.out_s_b, x2[:, :half]),
+                      cpu.gemm_task(a[:, half:], w.out_t_c, x[:, half:], w.out_t_b, x2[:, half:])], threads)
+        return x
+    # the bias add makes the new residual, the two GEMMs accumulate into it
+    torch.add(x2, w.out_b, out=x)
+    x[:, :half].addmm_(a[:, :half], w.out_s_t)
+    x[:, half:].addmm_(a[:, half:], w.out_t_t)
+    return x
+
+
 def _ffn1(kind, fr: Frame, h, w, threads):
+    if kind == "cpp+gelu":
+        cpu.gemm_raw([cpu.gemm_task(h, w.l1_c, fr.ffn, w.l1_b, gelu=True)], threads)
+        return fr.ffn
     if kind == "onednn+gelu":
         return _lp(h, w.l1_p, w.l1_b, "gelu")  # GELU (erf) as the GEMM's post-op
     # "...,aten-gelu": ATen's GELU, parallel on torch's own OpenMP threads
@@ -233,8 +263,11 @@ def _ffn1(kind, fr: Frame, h, w, threads):
     return torch._C._nn.gelu_(torch.addmm(w.l1_b, h, w.l1_t, out=fr.ffn))
 
 
-def _ffn2(kind, f, x, w):
-    """x + f @ l2^T + bias; ``blas`` updates ``x`` in place (always a buffer of this call)."""
+def _ffn2(kind, f, x, w, threads):
+    """x + f @ l2^T + bias; ``blas`` and ``cpp+add`` update ``x`` in place (always a buffer of this call)."""
+    if kind == "cpp+add":
+        cpu.gemm_raw([cpu.gemm_task(f, w.l2_c, x, w.l2_b, x)], threads)
+        return x
     if kind == "onednn+add":
         return _linear_pointwise.binary(f, x, w.l2_p, w.l2_b, "add")
     if kind == "onednn":  # bf16 GEMM output added to a float32 stream (autocast)
@@ -273,16 +306,13 @@ def run_layer(layer, x: torch.Tensor, plan, ws: Workspace, last: bool = False) -
     if emulate:
         _round_bf16_(fr.h_s)
         _round_bf16_(fr.h_t)
-    qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, fr, w))
+    qkv_s, qkv_t = choose("qkv", lambda k: _qkv(k, fr, w, threads))
     a = choose("attn", lambda k: _attn(k, fr, qkv_s, qkv_t, layer.heads, threads))
     if emulate:
         a = _round_bf16_(a.contiguous())
     x2 = x.view(tok, d)
     if a.dtype == x.dtype:
-        # x + out_proj(a): the bias add makes the new residual, the two GEMMs accumulate into it.
-        x = torch.add(x2, w.out_b, out=fr.residual(x2, last))
-        x[:, :half].addmm_(a[:, :half], w.out_s_t)
-        x[:, half:].addmm_(a[:, half:], w.out_t_t)
+        x = choose("out", lambda k: _out(k, fr, a, x2, w, threads, last))
     else:  # bf16 GEMMs over a float32 stream (autocast): bf16 outputs added in float32, as autocast does
         o = torch.cat((_lp(a[:, :half], w.out_s_p, w.out_s_b), _lp(a[:, half:], w.out_t_p, w.out_t_b)), -1)
         x = x2 + o
@@ -296,7 +326,7 @@ def run_layer(layer, x: torch.Tensor, plan, ws: Workspace, last: bool = False) -
     f = choose("ffn1", lambda k: _ffn1(k, fr, h, w, threads))
     if emulate:
         _round_bf16_(f)
-    x = choose("ffn2", lambda k, copy=False: _ffn2(k, f, x.clone() if copy else x, w)).view(fr.shape)
+    x = choose("ffn2", lambda k, copy=False: _ffn2(k, f, x.clone() if copy else x, w, threads)).view(fr.shape)
     if emulate and stream == torch.bfloat16:
         return x.to(stream)  # a bf16 model's stream is bf16 between layers
     return x
@@ -308,6 +338,7 @@ class Plan:
     precision: str  # "fp32" | "bf16-native" | "bf16-emulated" | "plain" (the layers' own forward)
     qkv: str = "-"
     attn: str = "-"
+    out: str = "-"
     ffn1: str = "-"
     ffn2: str = "-"
     native_threads: int = 1  # threads of the C++ kernels (LayerNorm, attention, GELU)
@@ -319,7 +350,7 @@ class Plan:
     def describe(self) -> str:
         how = "measured" if self.measured else "fixed"
         steps = "" if self.precision == "plain" else \
-            f" qkv={self.qkv} attn={self.attn} ffn1={self.ffn1} ffn2={self.ffn2} native_threads={self.native_threads}"
+            f" qkv={self.qkv} attn={self.attn} out={self.out} ffn1={self.ffn1} ffn2={self.ffn2} native_threads={self.native_threads}"
         return (f"{self.precision}{steps} ({how}; {torch.get_num_threads()} threads, "
                 f"{torch.backends.cpu.get_cpu_capability()})")
 
@@ -340,14 +371,20 @@ def candidates(precision: str, stream_fp32: bool, path: str, attention: str) -> 
     """Candidates of each step for one precision, after the forcing settings; raises if one is left empty."""
     native = precision == "bf16-native"
     onednn = onednn_available() and (not native or onednn_bf16_available())
-    blas = not native  # the blas steps compute in float32
+    blas = not native  # the blas and cpp steps compute in float32
+    gemm = blas and cpu.gemm_available()
     same = not native or not stream_fp32  # residual stream in the GEMMs' dtype -> fused residual add
-    c = {"qkv": ["onednn"] * onednn + ["blas"] * blas,
+    c = {"qkv": ["onednn"] * onednn + ["blas"] * blas + ["cpp"] * gemm,
          "attn": ["cpp"] * (not native and cpu.available()) + ["torch"],
-         "ffn1": ["onednn+gelu", "onednn,gelu", "onednn,aten-gelu"] * onednn + ["blas,gelu", "blas,aten-gelu"] * blas,
-         "ffn2": ([("onednn+add" if same else "onednn")] if onednn else []) + ["blas"] * (blas and same)}
-    if path in ("onednn", "blas"):
-        for step in ("qkv", "ffn1", "ffn2"):
+         "out": ["blas"] + ["cpp"] * gemm,  # native bf16: ATen's addmm_ (a bf16 stream) or oneDNN (float32)
+         "ffn1": ["onednn+gelu", "onednn,gelu", "onednn,aten-gelu"] * onednn + ["blas,gelu", "blas,aten-gelu"] * blas
+         + ["cpp+gelu"] * gemm,
+         "ffn2": ([("onednn+add" if same else "onednn")] if onednn else []) + ["blas"] * (blas and same)
+         + ["cpp+add"] * (gemm and same)}
+    if path in ("onednn", "blas", "cpp"):
+        for step in ("qkv", "out", "ffn1", "ffn2"):
+            if step == "out" and path == "onednn":
+                continue  # oneDNN has no output-projection step here: it stays as it is
             c[step] = [k for k in c[step] if k.startswith(path)]
     if attention != "auto":
         c["attn"] = [k for k in c["attn"] if k == attention]
@@ -397,7 +434,7 @@ def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
             if not precisions:
                 raise RuntimeError(f"CBRAMOD_FAST_CPU_BF16=native: this CPU has no oneDNN bf16 GEMMs "
                                    f"({capabilities()})")
-        if path == "blas":  # float32 GEMMs only
+        if path in ("blas", "cpp"):  # float32 GEMMs only
             precisions = [p for p in precisions if p != "bf16-native"]
     b, c, n, d = x.shape
     per_sample = c * n
