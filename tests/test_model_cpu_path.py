@@ -180,8 +180,8 @@ def test_plain_ops_win_when_they_are_faster(force, monkeypatch):
     monkeypatch.setattr(cpu_path, "_PLANS", {})
     raced, real_race = [], cpu_path._race
 
-    def fake_race(fns, rounds=5):  # the finalists: the plain forward first, then the plans
-        if len(fns) == 1:  # one step candidate's own timing (_time), not the finalists
+    def fake_race(fns, rounds):  # the finalists: the plain forward first, then the plans
+        if rounds == cpu_path.STEP_ROUNDS:  # one step's candidates, not the finalists
             return real_race(fns, rounds)
         raced.append(len(fns))
         for fn in fns:

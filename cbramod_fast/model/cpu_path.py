@@ -398,11 +398,10 @@ def candidates(precision: str, stream_fp32: bool, path: str, attention: str) -> 
 _PLANS: dict[tuple, Plan] = {}
 
 
-def _time(fn, reps: int = 3) -> float:
-    return _race([fn], reps)[0]
+STEP_ROUNDS, FINAL_ROUNDS = 3, 5  # rounds of a step's candidates, of the finalists (whole layers)
 
 
-def _race(fns: list, rounds: int = 5) -> list[float]:
+def _race(fns: list, rounds: int) -> list[float]:
     """Each function's best time over interleaved rounds, after a warm-up call each (weight packing,
     first-touch of buffers)."""
     for fn in fns:
@@ -470,20 +469,22 @@ class _Tuner:
         if len(opts) > 1:
             # ffn2's blas candidate updates the residual in place: every ffn2 candidate is timed on a copy
             args = (True,) if step == "ffn2" else ()
-            times = {k: _time(lambda k=k: fn(k, *args)) for k in opts}
-            self.chosen[step] = min(times, key=times.get)
+            # interleaved rounds: a burst of load from elsewhere hits every candidate, not one
+            times = _race([lambda k=k: fn(k, *args) for k in opts], STEP_ROUNDS)
+            self.chosen[step] = opts[times.index(min(times))]
         else:
             self.chosen[step] = opts[0]
         return fn(self.chosen[step])
 
 
 def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
-    """Time every candidate of every step on one layer (min of 3 after a warm-up), per precision; then the
-    whole layer with each precision's winners, with the C++ kernels on all torch threads (torch's OpenMP team
-    where it has one, see ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's
-    own forward (the training path's plain ops, about the original's speed) competes too: the plan is never
-    slower than it on the measured shape. The finalists are timed in interleaved rounds (min of 5), so that
-    a burst of load from elsewhere does not decide the choice kept for the process's lifetime."""
+    """Time every candidate of every step on one layer, per precision; then the whole layer with each
+    precision's winners, with the C++ kernels on all torch threads (torch's OpenMP team where it has one, see
+    ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's own forward (the
+    training path's plain ops, about the original's speed) competes too: the plan is never slower than it on
+    the measured shape. Candidates and finalists alike are timed in interleaved rounds (best of
+    ``STEP_ROUNDS`` / ``FINAL_ROUNDS`` after a warm-up call each), so that a burst of load from elsewhere does
+    not decide the choice kept for the process's lifetime."""
     finalists: list[tuple[Plan, object]] = []
     if plain:
         finalists.append((Plan("plain", measured=True), lambda: layer(x)))
@@ -497,5 +498,5 @@ def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], p
         for n in sorted({threads, 1}, reverse=True):
             plan = Plan(precision, **tuner.chosen, native_threads=n, measured=True)
             finalists.append((plan, lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws)))
-    times = _race([fn for _, fn in finalists])
+    times = _race([fn for _, fn in finalists], FINAL_ROUNDS)
     return finalists[times.index(min(times))][0]
