@@ -110,6 +110,28 @@ void run_gemms(const std::vector<GemmTask>& ts, int threads) {
   });
 }
 
+// Blocks of at most 48 rows, fewer (multiples of 6) when that leaves a thread without two blocks.
+void run_ffn(const FfnTask& t, int threads) {
+  threads = resolve_threads(threads, t.m);
+  const int64_t per_block = (t.m + 2 * threads - 1) / (2 * threads);
+  const int64_t rows_per = std::clamp<int64_t>((per_block + 5) / 6 * 6, 6, 48);
+  parallel_for_team((t.m + rows_per - 1) / rows_per, threads, [&](int64_t lo, int64_t hi) {
+    thread_local std::vector<float> h, f;
+    h.resize(rows_per * t.d);
+    f.resize(rows_per * t.ff);
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t r0 = b * rows_per, rows = std::min(rows_per, t.m - r0);
+#ifdef CBF_HAVE_AVX2_ENCODER
+      if (encoder_avx2()) {
+        avx2::ffn_rows(t, r0, rows, h.data(), f.data());
+        continue;
+      }
+#endif
+      base::ffn_rows(t, r0, rows, h.data(), f.data());
+    }
+  });
+}
+
 GemmTask gemm_from(const py::tuple& t) {
   if (t.size() != 12) throw std::invalid_argument("gemm: expected 12 values");
   auto i = [&](int k) { return t[k].cast<int64_t>(); };
@@ -208,6 +230,19 @@ void register_encoder_cpu(py::module_& m) {
       py::arg("tasks"), py::arg("threads") = 1,
       "float32 GEMMs with epilogue, all in one parallel pass: tasks are (a, lda, b_packed, bias, res, ldr, out, "
       "ldo, m, n, k, gelu) tuples (pointers as integers, 0 = none; strides in elements), see GemmTask");
+  m.def(
+      "ffn_f32",
+      [](uintptr_t x, uintptr_t out, int64_t m, int64_t d, int64_t ff, uintptr_t ln_w, uintptr_t ln_b, float eps,
+         uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, int threads) {
+        auto p = [](uintptr_t v) { return reinterpret_cast<float*>(v); };
+        if (m < 0 || d < 1 || ff < 1) throw std::invalid_argument("ffn: bad sizes");
+        const FfnTask t{p(x), p(out), m, d, ff, p(ln_w), p(ln_b), eps, p(w1), p(b1), p(w2), p(b2)};
+        py::gil_scoped_release release;
+        run_ffn(t, threads);
+      },
+      py::arg("x"), py::arg("out"), py::arg("m"), py::arg("d"), py::arg("ff"), py::arg("ln_w"), py::arg("ln_b"),
+      py::arg("eps"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("threads") = 1,
+      "The feed-forward block, out = x + GELU(LayerNorm(x) W1 + b1) W2 + b2, per block of 48 rows (see FfnTask)");
   m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
   m.def("encoder_thread_team", [] { return std::string(process_openmp() ? "openmp" : "threads"); },
         "Whose threads the encoder kernels run on: the process's OpenMP team (torch's) or threads of their own");

@@ -41,3 +41,18 @@ struct GemmTask {
 };
 
 }  // namespace cbf
+
+namespace cbf {
+
+// The feed-forward block over m rows of d features: out = x + GELU(LayerNorm(x) W1 + b1) W2 + b2, with W1
+// (d -> ff) and W2 (ff -> d) packed as GemmTask's B. out may be x (in place).
+struct FfnTask {
+  const float* x;
+  float* out;
+  int64_t m, d, ff;
+  const float *ln_w, *ln_b;
+  float eps;
+  const float *w1, *b1, *w2, *b2;
+};
+
+}  // namespace cbf

@@ -209,6 +209,7 @@ def test_kernels_run_on_torchs_openmp_team_and_threads_do_not_change_results():
     bias = torch.randn(800)
     ln_in, w, b = torch.randn(3, 19, 30, 200), torch.randn(200), torch.randn(200)
     a, wl = torch.randn(3 * 19 * 30, 200), cpu.pack_weight(torch.randn(800, 200))
+    w2 = cpu.pack_weight(torch.randn(200, 800) / 30)
     results = []
     for threads in (1, 2, 3):
         att = torch.empty(3, 19, 30, 400)
@@ -218,7 +219,8 @@ def test_kernels_run_on_torchs_openmp_team_and_threads_do_not_change_results():
         cpu.layer_norm_raw(ln_in, w, b, 1e-5, ln_s, ln_t, True, threads)
         lin = torch.empty(3 * 19 * 30, 800)
         cpu.gemm_raw([cpu.gemm_task(a, wl, lin, bias, x, True)], threads)
-        results.append((att, gelu, ln_s, ln_t, lin))
+        ffn = cpu.ffn_raw(a, torch.empty_like(a), w, b, 1e-5, wl, bias, w2, b, threads)
+        results.append((att, gelu, ln_s, ln_t, lin, ffn))
     for other in results[1:]:
         assert all(torch.equal(a, o) for a, o in zip(results[0], other))
 
@@ -281,3 +283,46 @@ def test_linear_special_values_and_bad_input():
         cpu.linear(torch.randn(3, 4), packed, 5, res=torch.randn(2, 5))
     with pytest.raises(RuntimeError, match="no backward"):
         cpu.linear(torch.randn(3, 4, requires_grad=True), packed, 5)
+
+
+def _ffn_reference(x, ln_w, ln_b, w1, b1, w2, b2, double=False):
+    if double:
+        x, ln_w, ln_b, w1, b1, w2, b2 = (t.double() for t in (x, ln_w, ln_b, w1, b1, w2, b2))
+    h = torch.nn.functional.layer_norm(x, (x.shape[1],), ln_w, ln_b, 1e-5)
+    return x + torch.nn.functional.gelu(h @ w1.t() + b1) @ w2.t() + b2
+
+
+@pytest.mark.parametrize("m, d, ff", [(1, 200, 800), (7, 200, 800), (960, 200, 800), (50, 30, 70), (97, 8, 300)])
+def test_feed_forward_matches_torch(m, d, ff):
+    """LayerNorm + GEMM/GELU + GEMM/residual per block of rows; 2x-PyTorch rule against float64 (plus 1e-6 of
+    the output's scale); in place too."""
+    g = torch.Generator().manual_seed(m + d + ff)
+    x = torch.randn(m, d, generator=g) * 2
+    ln_w, ln_b = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    w1, b1 = torch.randn(ff, d, generator=g) / d ** 0.5, torch.randn(ff, generator=g)
+    w2, b2 = torch.randn(d, ff, generator=g) / ff ** 0.5, torch.randn(d, generator=g)
+    gold = _ffn_reference(x, ln_w, ln_b, w1, b1, w2, b2, double=True)
+    torch_err = (_ffn_reference(x, ln_w, ln_b, w1, b1, w2, b2).double() - gold).abs().max().item()
+    p1, p2 = cpu.pack_weight(w1), cpu.pack_weight(w2)
+    got = cpu.feed_forward(x, ln_w, ln_b, 1e-5, p1, b1, p2, b2)
+    tol = 2 * torch_err + 1e-6 * gold.abs().max().item()
+    assert (got.double() - gold).abs().max().item() <= tol
+    y = x.clone()
+    assert cpu.feed_forward(y, ln_w, ln_b, 1e-5, p1, b1, p2, b2, out=y).data_ptr() == y.data_ptr()
+    assert torch.equal(y, got)
+
+
+def test_feed_forward_bad_input():
+    x, w = torch.randn(4, 8), torch.ones(8)
+    p1, b1, p2 = cpu.pack_weight(torch.randn(16, 8)), torch.zeros(16), cpu.pack_weight(torch.randn(8, 16))
+    cpu.feed_forward(x, w, w, 1e-5, p1, b1, p2, w)
+    with pytest.raises(ValueError, match="w2_packed must be"):
+        cpu.feed_forward(x, w, w, 1e-5, p1, b1, p1, w)
+    with pytest.raises(ValueError, match=r"w2_packed must be \(1, 15, 16\) .* b1 \(15,\)"):  # ff is b1's length
+        cpu.feed_forward(x, w, w, 1e-5, p1, torch.zeros(15), p2, w)
+    with pytest.raises(ValueError, match="x must be a contiguous float32"):
+        cpu.feed_forward(x.t().contiguous().t(), w, w, 1e-5, p1, b1, p2, w)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.feed_forward(x, w, w, 1e-5, p1, b1, p2, w, out=torch.empty(3, 8))
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu.feed_forward(x.requires_grad_(), w, w, 1e-5, p1, b1, p2, w)

@@ -72,11 +72,31 @@ def test_each_forced_path_matches_fixtures(fixture, path, attention, force):
         used = model.cpu_path
         assert used.startswith("plain") if path == "plain" else f"attn={attention}" in used, used
         if path != "plain":
-            steps = ("qkv", "ffn1", "ffn2") + ("out",) * (path != "onednn")  # oneDNN has no out-projection step
+            # oneDNN has no out-projection step; cpp runs the fused feed-forward block instead of ffn1/ffn2
+            steps = ("qkv",) + ("out",) * (path != "onednn") + ("ffn1", "ffn2") * (path != "cpp")
             assert all(f"{step}={path}" in used for step in steps), used
+            assert ("ffn=fused" in used) == (path == "cpp"), used
         for name, got, ref in (("feats", feats, case["feats"]), ("out", out, case["out"])):
             err = (got - ref).abs().max().item()
             assert err <= OUT_ATOL, f"{path}/{attention} {tuple(case['x'].shape)} {name}: max abs err {err:.2e}"
+
+
+@pytest.mark.parametrize("fixture", ["layers2", pytest.param("layers12", marks=pytest.mark.shared)])
+def test_split_cpp_feed_forward_matches_fixtures(fixture):
+    """The C++ GEMM's ffn1 (bias + GELU epilogue) and ffn2 (residual epilogue) steps, which the forced ``cpp``
+    path replaces by the fused block: a plan that runs them, against the fixtures."""
+    if not cpu.gemm_available():
+        pytest.skip("the C++ extension is not built")
+    model, cases = _fixture_model(fixture)
+    plan = cpu_path.Plan("fp32", qkv="cpp", attn="cpp", out="cpp", ffn1="cpp+gelu", ffn2="cpp+add", ffn="split")
+    for case in cases:
+        with torch.no_grad():
+            x = model.patch_embedding(case["x"], case["mask"])
+            ws = cpu_path.Workspace()
+            for i, layer in enumerate(model.encoder.layers):
+                x = cpu_path.run_layer(layer, x, plan, ws, last=i == len(model.encoder.layers) - 1)
+        err = (x - case["feats"]).abs().max().item()
+        assert err <= OUT_ATOL, f"{tuple(case['x'].shape)} feats: max abs err {err:.2e}"
 
 
 def _pair(n_layer=2):

@@ -215,3 +215,43 @@ def linear(a: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
     out = a.new_empty((m, n)) if out is None else out
     gemm_raw([gemm_task(a, packed, out, bias, res, gelu)], torch.get_num_threads())
     return out
+
+
+def ffn_raw(x: torch.Tensor, out: torch.Tensor, ln_w, ln_b, eps: float, w1_packed, b1, w2_packed, b2,
+            threads: int) -> torch.Tensor:
+    """``feed_forward`` without checks (callers that own the buffers)."""
+    m, d = x.shape
+    _ext.ffn_f32(x.data_ptr(), out.data_ptr(), m, d, b1.shape[0], ln_w.data_ptr(), ln_b.data_ptr(), eps,
+                 w1_packed.data_ptr(), b1.data_ptr(), w2_packed.data_ptr(), b2.data_ptr(), threads)
+    return out
+
+
+def feed_forward(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, w1_packed: torch.Tensor,
+                 b1: torch.Tensor, w2_packed: torch.Tensor, b2: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's feed-forward block in one native call, ``x + GELU(LayerNorm(x) @ w1.T + b1) @ w2.T + b2``
+    (``w1`` (ff, d), ``w2`` (d, ff) given as ``pack_weight``), per block of rows: the (rows, ff) hidden
+    activations stay in the thread's cache. ``x`` (M, d) contiguous float32; ``out`` may be ``x``."""
+    if not gemm_available():
+        raise RuntimeError("the C++ extension cbramod_fast._ext is not built: reinstall the package")
+    tensors = {"x": x, "ln_w": ln_w, "ln_b": ln_b, "w1_packed": w1_packed, "b1": b1, "w2_packed": w2_packed, "b2": b2}
+    if out is not None:
+        tensors["out"] = out
+    for name, t in tensors.items():
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"feed_forward: {name} must be a contiguous float32 CPU tensor, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if x.dim() != 2:
+        raise ValueError(f"feed_forward: x must be (M, d), got {tuple(x.shape)}")
+    m, d = x.shape
+    ff = b1.shape[0] if b1.dim() == 1 else -1
+    want = {"ln_w": (d,), "ln_b": (d,), "b1": (ff,), "b2": (d,), "w1_packed": (-(-ff // PANEL), d, PANEL),
+            "w2_packed": (-(-d // PANEL), ff, PANEL), "out": (m, d)}
+    for name, shape in want.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ValueError(f"feed_forward: {name} must be {shape} for x {tuple(x.shape)} and b1 "
+                             f"{tuple(b1.shape)}, got {tuple(tensors[name].shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
+        raise RuntimeError("cpu.feed_forward has no backward: it is the inference path's kernel")
+    return ffn_raw(x, x.new_empty((m, d)) if out is None else out, ln_w, ln_b, eps, w1_packed, b1, w2_packed, b2,
+                   torch.get_num_threads())

@@ -16,6 +16,9 @@ Steps and candidates (``Plan`` fields):
                                      (",gelu") or ATen's GELU (",aten-gelu", on torch's OpenMP threads)
                                      | cpp+gelu (bias and GELU in our GEMM's epilogue, on the tile in registers)
   ffn2  linear2 + bias + residual    onednn+add (fused) | blas (``addmm_`` into the residual) | cpp+add
+  ffn   the feed-forward block       split (LayerNorm 2, then the ffn1 and ffn2 steps) | fused (float32: one C++
+                                     call, LayerNorm + both GEMMs per block of rows, the hidden activations
+                                     never leave the thread's cache); decided among the finalists (below)
 
 bf16 (autocast, or a model in bfloat16) runs either ``bf16-native`` (oneDNN bf16 GEMMs, where the CPU
 supports them) or ``bf16-emulated``: float32 GEMMs on operands rounded to bfloat16 (weights once, the
@@ -25,7 +28,7 @@ is rounded back to bfloat16 after every layer).
 
 Forcing (tests, users): ``CBraMod(cpu_path=...)`` or ``CBRAMOD_FAST_CPU_PATH`` = ``auto`` (measure) |
 ``onednn`` | ``blas`` | ``cpp`` (all GEMM steps through that library; oneDNN has no output-projection step,
-``onednn`` keeps ``blas`` there) | ``plain`` (the training path's plain PyTorch
+``onednn`` keeps ``blas`` there; ``cpp`` runs the fused feed-forward block) | ``plain`` (the training path's plain PyTorch
 ops, no plan). ``CBRAMOD_FAST_CPU_ATTENTION`` = ``auto`` | ``cpp`` | ``torch`` and
 ``CBRAMOD_FAST_CPU_BF16`` = ``auto`` | ``native`` | ``emulated`` force the other two choices. A forced
 choice this CPU cannot run raises ``RuntimeError`` naming what is missing. ``model.cpu_path`` tells what
@@ -316,6 +319,9 @@ def run_layer(layer, x: torch.Tensor, plan, ws: Workspace, last: bool = False) -
     else:  # bf16 GEMMs over a float32 stream (autocast): bf16 outputs added in float32, as autocast does
         o = torch.cat((_lp(a[:, :half], w.out_s_p, w.out_s_b), _lp(a[:, half:], w.out_t_p, w.out_t_b)), -1)
         x = x2 + o
+    if choose("ffn", lambda k: k) == "fused":  # float32 only (candidates)
+        return cpu.ffn_raw(x, x, nx["n2w"], nx["n2b"], layer.norm2.eps, w.l1_c, w.l1_b, w.l2_c, w.l2_b,
+                           threads).view(fr.shape)
     if native_ln:
         cpu.layer_norm_raw(x, nx["n2w"], nx["n2b"], layer.norm2.eps, fr.h, fr.h, False, threads)
         h = fr.h
@@ -341,6 +347,7 @@ class Plan:
     out: str = "-"
     ffn1: str = "-"
     ffn2: str = "-"
+    ffn: str = "split"
     native_threads: int = 1  # threads of the C++ kernels (LayerNorm, attention, GELU)
     measured: bool = False  # chosen by timing (False: forced, or one candidate per step)
 
@@ -349,8 +356,9 @@ class Plan:
 
     def describe(self) -> str:
         how = "measured" if self.measured else "fixed"
+        ffn = "ffn=fused" if self.ffn == "fused" else f"ffn1={self.ffn1} ffn2={self.ffn2}"
         steps = "" if self.precision == "plain" else \
-            f" qkv={self.qkv} attn={self.attn} out={self.out} ffn1={self.ffn1} ffn2={self.ffn2} native_threads={self.native_threads}"
+            f" qkv={self.qkv} attn={self.attn} out={self.out} {ffn} native_threads={self.native_threads}"
         return (f"{self.precision}{steps} ({how}; {torch.get_num_threads()} threads, "
                 f"{torch.backends.cpu.get_cpu_capability()})")
 
@@ -380,8 +388,10 @@ def candidates(precision: str, stream_fp32: bool, path: str, attention: str) -> 
          "ffn1": ["onednn+gelu", "onednn,gelu", "onednn,aten-gelu"] * onednn + ["blas,gelu", "blas,aten-gelu"] * blas
          + ["cpp+gelu"] * gemm,
          "ffn2": ([("onednn+add" if same else "onednn")] if onednn else []) + ["blas"] * (blas and same)
-         + ["cpp+add"] * (gemm and same)}
+         + ["cpp+add"] * (gemm and same),
+         "ffn": ["split"] + ["fused"] * (gemm and precision == "fp32")}
     if path in ("onednn", "blas", "cpp"):
+        c["ffn"] = c["ffn"][-1:] if path == "cpp" else ["split"]
         for step in ("qkv", "out", "ffn1", "ffn2"):
             if step == "out" and path == "onednn":
                 continue  # oneDNN has no output-projection step here: it stays as it is
@@ -466,7 +476,9 @@ class _Tuner:
 
     def choose(self, step: str, fn):
         opts = self.options[step]
-        if len(opts) > 1:
+        if step == "ffn":  # the fused block competes as a whole layer among the finalists, not here
+            self.chosen[step] = "split"
+        elif len(opts) > 1:
             # ffn2's blas candidate updates the residual in place: every ffn2 candidate is timed on a copy
             args = (True,) if step == "ffn2" else ()
             # interleaved rounds: a burst of load from elsewhere hits every candidate, not one
@@ -479,8 +491,8 @@ class _Tuner:
 
 def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
     """Time every candidate of every step on one layer, per precision; then the whole layer with each
-    precision's winners, with the C++ kernels on all torch threads (torch's OpenMP team where it has one, see
-    ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's own forward (the
+    precision's winners (in float32 also with the fused feed-forward block), with the C++ kernels on all torch
+    threads (torch's OpenMP team where it has one, see ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's own forward (the
     training path's plain ops, about the original's speed) competes too: the plan is never slower than it on
     the measured shape. Candidates and finalists alike are timed in interleaved rounds (best of
     ``STEP_ROUNDS`` / ``FINAL_ROUNDS`` after a warm-up call each), so that a burst of load from elsewhere does
@@ -496,7 +508,8 @@ def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], p
         tuner = _Tuner(precision, opts, threads)
         run_layer(layer, x, tuner, ws)
         for n in sorted({threads, 1}, reverse=True):
-            plan = Plan(precision, **tuner.chosen, native_threads=n, measured=True)
-            finalists.append((plan, lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws)))
+            for ffn in opts["ffn"]:
+                plan = Plan(precision, **{**tuner.chosen, "ffn": ffn}, native_threads=n, measured=True)
+                finalists.append((plan, lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws)))
     times = _race([fn for _, fn in finalists], FINAL_ROUNDS)
     return finalists[times.index(min(times))][0]
