@@ -130,8 +130,9 @@ def class_cells(doc: dict) -> list[float | None]:
 
 
 def render_cpu_classes(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
-    """One row per CPU class with result files: the run against the original with the most cells filled (the
-    newest on a tie), so every number in a row comes from one file, one thread count and one machine state."""
+    """One row per CPU class with result files: the run against the original with the most cells filled (then
+    the most torch threads, then the newest), so every number in a row comes from one file, one thread count
+    and one machine state."""
     head = " | ".join(h for h, *_ in CLASS_CELLS)
     lines = [f"| CPU | {head} | torch threads | result file |",
              "|---|" + "---:|" * len(CLASS_CELLS) + "---:|---|"]
@@ -140,10 +141,10 @@ def render_cpu_classes(docs: list[tuple[Path, dict]], base: Path = ROOT) -> str:
         if cpu_class(path) and doc["device"]["type"] == "cpu":
             classes.setdefault(cpu_class(path), []).append((path, doc))
     for slug in sorted(classes):
-        runs = [(sum(v is not None for v in class_cells(d)), d["created"], p, d) for p, d in classes[slug]
-                if d["args"].get("original")]
-        best = max(runs, key=lambda t: t[:2]) if runs else (0, None, None, classes[slug][0][1])
-        filled, _, path, doc = best
+        runs = [(sum(v is not None for v in class_cells(d)), d["device"]["torch_threads"], d["created"], p, d)
+                for p, d in classes[slug] if d["args"].get("original")]
+        best = max(runs, key=lambda t: t[:3]) if runs else (0, 0, None, None, classes[slug][0][1])
+        filled, _, _, path, doc = best
         if not filled:
             dashes = " | ".join("–" for _ in CLASS_CELLS)
             lines.append(f"| {device_label(doc['device'])} | {dashes} | – | no run with `--original` yet |")
