@@ -233,7 +233,8 @@ def test_linear_matches_torch(m, k, n):
     of the output's scale)."""
     g = torch.Generator().manual_seed(m * k + n)
     a = torch.randn(m, k, generator=g)
-    w, bias, res = torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    bias, res = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
     packed = cpu.pack_weight(w)
     for b, r, gelu in ((None, None, False), (bias, None, True), (bias, res, False), (None, res, True)):
         pre = a @ w.t() + (0 if b is None else b) + (0 if r is None else r)

@@ -28,8 +28,8 @@ is rounded back to bfloat16 after every layer).
 
 Forcing (tests, users): ``CBraMod(cpu_path=...)`` or ``CBRAMOD_FAST_CPU_PATH`` = ``auto`` (measure) |
 ``onednn`` | ``blas`` | ``cpp`` (all GEMM steps through that library; oneDNN has no output-projection step,
-``onednn`` keeps ``blas`` there; ``cpp`` runs the fused feed-forward block) | ``plain`` (the training path's plain PyTorch
-ops, no plan). ``CBRAMOD_FAST_CPU_ATTENTION`` = ``auto`` | ``cpp`` | ``torch`` and
+``onednn`` keeps ``blas`` there; ``cpp`` runs the fused feed-forward block) | ``plain`` (the training
+path's plain PyTorch ops, no plan). ``CBRAMOD_FAST_CPU_ATTENTION`` = ``auto`` | ``cpp`` | ``torch`` and
 ``CBRAMOD_FAST_CPU_BF16`` = ``auto`` | ``native`` | ``emulated`` force the other two choices. A forced
 choice this CPU cannot run raises ``RuntimeError`` naming what is missing. ``model.cpu_path`` tells what
 the last CPU inference call ran.
@@ -78,8 +78,8 @@ def onednn_bf16_available() -> bool:
 
 def capabilities() -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn": onednn_available(),
-            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu.available(), "cpp_gemm": cpu.gemm_available(),
-            "cpp_attention_simd": cpu.simd_path()}
+            "onednn_bf16": onednn_bf16_available(), "cpp_attention": cpu.available(),
+            "cpp_gemm": cpu.gemm_available(), "cpp_attention_simd": cpu.simd_path()}
 
 
 def _setting(env: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -492,11 +492,11 @@ class _Tuner:
 def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], plain: bool) -> Plan:
     """Time every candidate of every step on one layer, per precision; then the whole layer with each
     precision's winners (in float32 also with the fused feed-forward block), with the C++ kernels on all torch
-    threads (torch's OpenMP team where it has one, see ``cpu.thread_team``) and on one, and keep the fastest. With ``plain``, the layer's own forward (the
-    training path's plain ops, about the original's speed) competes too: the plan is never slower than it on
-    the measured shape. Candidates and finalists alike are timed in interleaved rounds (best of
-    ``STEP_ROUNDS`` / ``FINAL_ROUNDS`` after a warm-up call each), so that a burst of load from elsewhere does
-    not decide the choice kept for the process's lifetime."""
+    threads (torch's OpenMP team where it has one, see ``cpu.thread_team``) and on one, and keep the fastest.
+    With ``plain``, the layer's own forward (the training path's plain ops, about the original's speed)
+    competes too: the plan is never slower than it on the measured shape. Candidates and finalists alike are
+    timed in interleaved rounds (best of ``STEP_ROUNDS`` / ``FINAL_ROUNDS`` after a warm-up call each), so
+    that a burst of load from elsewhere does not decide the choice kept for the process's lifetime."""
     finalists: list[tuple[Plan, object]] = []
     if plain:
         finalists.append((Plan("plain", measured=True), lambda: layer(x)))
