@@ -70,21 +70,19 @@ AttentionHalf half_from(const py::tuple& t) {
   return h;
 }
 
-// The GEMMs' work items: blocks of up to kRows rows (gemm_block's scratch) against blocks of panels of about
-// 256 KB in all; row blocks innermost, so that a thread's consecutive items share their panels (in L2).
+// The GEMMs' work items: blocks of up to kGemmRows rows against blocks of panels of about 256 KB in all; row
+// blocks innermost, so that a thread's consecutive items share their panels (in L2).
 struct GemmBlocks {
-  static constexpr int64_t kRows = 48, kDepth = 256;
   std::vector<int64_t> first;  // first item of each task (and the total at the end)
   std::vector<int64_t> row_blocks, panels_per_block;
 
   explicit GemmBlocks(const std::vector<GemmTask>& ts) {
     first.push_back(0);
     for (const auto& g : ts) {
-      const int64_t panels = (g.n + 15) / 16;
-      const int64_t per = std::max<int64_t>(1, (int64_t{256} << 10) / (g.k * 64));
-      row_blocks.push_back((g.m + kRows - 1) / kRows);
+      const int64_t per = std::max<int64_t>(1, (int64_t{256} << 10) / (g.k * kGemmPanel * int64_t{sizeof(float)}));
+      row_blocks.push_back((g.m + kGemmRows - 1) / kGemmRows);
       panels_per_block.push_back(per);
-      first.push_back(first.back() + row_blocks.back() * ((panels + per - 1) / per));
+      first.push_back(first.back() + row_blocks.back() * ((gemm_panels(g.n) + per - 1) / per));
     }
   }
 };
@@ -97,24 +95,24 @@ void run_gemms(const std::vector<GemmTask>& ts, int threads) {
       const GemmTask& g = ts[t];
       const int64_t local = item - blocks.first[t], rb = local % blocks.row_blocks[t];
       const int64_t pb = local / blocks.row_blocks[t], per = blocks.panels_per_block[t];
-      const int64_t r0 = rb * GemmBlocks::kRows, r1 = std::min(g.m, r0 + GemmBlocks::kRows);
-      const int64_t p0 = pb * per, p1 = std::min((g.n + 15) / 16, p0 + per);
+      const int64_t r0 = rb * kGemmRows, r1 = std::min(g.m, r0 + kGemmRows);
+      const int64_t p0 = pb * per, p1 = std::min(gemm_panels(g.n), p0 + per);
 #ifdef CBF_HAVE_AVX2_ENCODER
       if (encoder_avx2()) {
-        avx2::gemm_block(g, r0, r1, p0, p1, GemmBlocks::kDepth);
+        avx2::gemm_block(g, r0, r1, p0, p1);
         continue;
       }
 #endif
-      base::gemm_block(g, r0, r1, p0, p1, GemmBlocks::kDepth);
+      base::gemm_block(g, r0, r1, p0, p1);
     }
   });
 }
 
-// Blocks of at most 48 rows, fewer (multiples of 6) when that leaves a thread without two blocks.
+// Blocks of at most kGemmRows rows, fewer (multiples of 6) when that leaves a thread without two blocks.
 void run_ffn(const FfnTask& t, int threads) {
   threads = resolve_threads(threads, t.m);
   const int64_t per_block = (t.m + 2 * threads - 1) / (2 * threads);
-  const int64_t rows_per = std::clamp<int64_t>((per_block + 5) / 6 * 6, 6, 48);
+  const int64_t rows_per = std::clamp<int64_t>((per_block + 5) / 6 * 6, 6, kGemmRows);
   parallel_for_team((t.m + rows_per - 1) / rows_per, threads, [&](int64_t lo, int64_t hi) {
     thread_local std::vector<float> h, f;
     h.resize(rows_per * t.d);

@@ -20,12 +20,14 @@ struct AttentionHalf {
   int64_t len;  // sequence length
 };
 
-}  // namespace cbf
-
-namespace cbf {
+// The GEMM's blocking, shared by the work split (encoder_cpu.cpp) and the kernels (the size of their
+// partial-sum scratch): B packed in panels of kGemmPanel columns, at most kGemmRows rows per block (8 tiles of
+// 6), k in blocks of at most kGemmDepth (a panel's block, 16 KB, stays in L1).
+constexpr int64_t kGemmPanel = 16, kGemmRows = 48, kGemmDepth = 256;
+constexpr int64_t gemm_panels(int64_t n) { return (n + kGemmPanel - 1) / kGemmPanel; }
 
 // One GEMM of the encoder with its epilogue: out[i, :n] = act(a[i, :k] @ B + bias + res[i, :n]) for i < m.
-// B comes pre-packed in panels of 16 columns: panel p holds B[:, 16p .. 16p+16) as k rows of 16 values (zero
+// B comes pre-packed in panels of kGemmPanel = 16 columns: panel p holds B[:, 16p .. 16p+16) as k rows of 16 values (zero
 // past n), so the inner loop reads it contiguously. bias and res may be null; res may alias out (in place).
 struct GemmTask {
   const float* a;
@@ -39,10 +41,6 @@ struct GemmTask {
   int64_t m, n, k;
   bool gelu;
 };
-
-}  // namespace cbf
-
-namespace cbf {
 
 // The feed-forward block over m rows of d features: out = x + GELU(LayerNorm(x) W1 + b1) W2 + b2, with W1
 // (d -> ff) and W2 (ff -> d) packed as GemmTask's B. out may be x (in place).
