@@ -144,12 +144,16 @@ def layer_norm_raw(x, weight, bias, eps, out_lo, out_hi, split: bool, threads: i
                             out_lo.data_ptr(), out_lo.data_ptr(), d, False, threads)
 
 
-def _check_ln(x, weight, bias, d, *outs):
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)) + tuple((f"out{i}", o) for i, (o, _) in
-                                                                        enumerate(outs)):
+def _require_contiguous_f32(op: str, tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"layer_norm: {name} must be a contiguous float32 CPU tensor, got {t.dtype} "
+            raise ValueError(f"{op}: {name} must be a contiguous float32 CPU tensor, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
+
+
+def _check_ln(x, weight, bias, d, *outs):
+    _require_contiguous_f32("layer_norm", {"x": x, "weight": weight, "bias": bias,
+                                           **{f"out{i}": o for i, (o, _) in enumerate(outs)}})
     if tuple(weight.shape) != (d,) or tuple(bias.shape) != (d,):
         raise ValueError(f"layer_norm: weight and bias must be ({d},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
     for o, shape in outs:
@@ -158,7 +162,11 @@ def _check_ln(x, weight, bias, d, *outs):
 
 
 # -- GEMM with fused epilogue ---------------------------------------------------------------------------------
-PANEL = 16  # columns per packed panel (the C++ tile width)
+PANEL = 16  # columns per packed panel (kGemmPanel, the C++ tile width)
+
+
+def _panels(n: int) -> int:
+    return -(-n // PANEL)
 
 
 def gemm_available() -> bool:
@@ -168,7 +176,7 @@ def gemm_available() -> bool:
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """A ``Linear`` weight (N, K) as the GEMM's packed B = w.T: (ceil(N/16), K, 16) panels, zero past N."""
     n, k = w.shape
-    panels = -(-n // PANEL)
+    panels = _panels(n)
     b = w.new_zeros(k, panels * PANEL, dtype=torch.float32)
     b[:, :n] = w.t()
     return b.view(k, panels, PANEL).permute(1, 0, 2).contiguous()
@@ -202,7 +210,7 @@ def linear(a: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | N
                              f"{tuple(t.shape)} strides {t.stride()} on {t.device}")
     m, k = a.shape
     if packed.dtype != torch.float32 or not packed.is_contiguous() or packed.dim() != 3 or \
-            packed.shape[1:] != (k, PANEL) or packed.shape[0] != -(-n // PANEL) or n < 1:
+            packed.shape[1:] != (k, PANEL) or packed.shape[0] != _panels(n) or n < 1:
         raise ValueError(f"linear: packed must be pack_weight of a ({n}, {k}) weight, got {tuple(packed.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"linear: bias must be a contiguous float32 ({n},) tensor, got {bias.dtype} "
@@ -237,16 +245,13 @@ def feed_forward(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: f
     tensors = {"x": x, "ln_w": ln_w, "ln_b": ln_b, "w1_packed": w1_packed, "b1": b1, "w2_packed": w2_packed, "b2": b2}
     if out is not None:
         tensors["out"] = out
-    for name, t in tensors.items():
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"feed_forward: {name} must be a contiguous float32 CPU tensor, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+    _require_contiguous_f32("feed_forward", tensors)
     if x.dim() != 2:
         raise ValueError(f"feed_forward: x must be (M, d), got {tuple(x.shape)}")
     m, d = x.shape
     ff = b1.shape[0] if b1.dim() == 1 else -1
-    want = {"ln_w": (d,), "ln_b": (d,), "b1": (ff,), "b2": (d,), "w1_packed": (-(-ff // PANEL), d, PANEL),
-            "w2_packed": (-(-d // PANEL), ff, PANEL), "out": (m, d)}
+    want = {"ln_w": (d,), "ln_b": (d,), "b1": (ff,), "b2": (d,), "w1_packed": (_panels(ff), d, PANEL),
+            "w2_packed": (_panels(d), ff, PANEL), "out": (m, d)}
     for name, shape in want.items():
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise ValueError(f"feed_forward: {name} must be {shape} for x {tuple(x.shape)} and b1 "
