@@ -82,20 +82,19 @@ def test_each_forced_path_matches_fixtures(fixture, path, attention, force):
 
 
 @pytest.mark.parametrize("fixture", ["layers2", pytest.param("layers12", marks=pytest.mark.shared)])
-def test_split_cpp_feed_forward_matches_fixtures(fixture):
+def test_split_cpp_feed_forward_matches_fixtures(fixture, monkeypatch):
     """The C++ GEMM's ffn1 (bias + GELU epilogue) and ffn2 (residual epilogue) steps, which the forced ``cpp``
-    path replaces by the fused block: a plan that runs them, against the fixtures."""
+    path replaces by the fused block: the encoder run with a plan that uses them, against the fixtures."""
     if not cpu.gemm_available():
         pytest.skip("the C++ extension is not built")
     model, cases = _fixture_model(fixture)
     plan = cpu_path.Plan("fp32", qkv="cpp", attn="cpp", out="cpp", ffn1="cpp+gelu", ffn2="cpp+add", ffn="split")
+    monkeypatch.setattr(cpu_path, "plan_for", lambda layers, x, path="auto": plan)
     for case in cases:
         with torch.no_grad():
-            x = model.patch_embedding(case["x"], case["mask"])
-            ws = cpu_path.Workspace()
-            for i, layer in enumerate(model.encoder.layers):
-                x = cpu_path.run_layer(layer, x, plan, ws, last=i == len(model.encoder.layers) - 1)
-        err = (x - case["feats"]).abs().max().item()
+            feats = model.encode(case["x"], case["mask"])
+        assert model.cpu_path == plan.describe(), model.cpu_path
+        err = (feats - case["feats"]).abs().max().item()
         assert err <= OUT_ATOL, f"{tuple(case['x'].shape)} feats: max abs err {err:.2e}"
 
 
