@@ -44,11 +44,15 @@ bool encoder_avx2() {
 #endif
 }
 
-void run(const AttentionHalf* halves, int n, int heads, int head_dim, int threads) {
+// Call the kernel `fn` (void) of the AVX2+FMA build where encoder_avx2(), else of the portable build.
 #ifdef CBF_HAVE_AVX2_ENCODER
-  if (encoder_avx2()) return avx2::attend_halves(halves, n, heads, head_dim, threads);
+#define CBF_ENCODER_KERNEL(fn, ...) (encoder_avx2() ? avx2::fn(__VA_ARGS__) : base::fn(__VA_ARGS__))
+#else
+#define CBF_ENCODER_KERNEL(fn, ...) base::fn(__VA_ARGS__)
 #endif
-  base::attend_halves(halves, n, heads, head_dim, threads);
+
+void run(const AttentionHalf* halves, int n, int heads, int head_dim, int threads) {
+  CBF_ENCODER_KERNEL(attend_halves, halves, n, heads, head_dim, threads);
 }
 
 AttentionHalf half_from(const py::tuple& t) {
@@ -97,13 +101,7 @@ void run_gemms(const std::vector<GemmTask>& ts, int threads) {
       const int64_t pb = local / blocks.row_blocks[t], per = blocks.panels_per_block[t];
       const int64_t r0 = rb * kGemmRows, r1 = std::min(g.m, r0 + kGemmRows);
       const int64_t p0 = pb * per, p1 = std::min(gemm_panels(g.n), p0 + per);
-#ifdef CBF_HAVE_AVX2_ENCODER
-      if (encoder_avx2()) {
-        avx2::gemm_block(g, r0, r1, p0, p1);
-        continue;
-      }
-#endif
-      base::gemm_block(g, r0, r1, p0, p1);
+      CBF_ENCODER_KERNEL(gemm_block, g, r0, r1, p0, p1);
     }
   });
 }
@@ -119,13 +117,7 @@ void run_ffn(const FfnTask& t, int threads) {
     f.resize(rows_per * t.ff);
     for (int64_t b = lo; b < hi; ++b) {
       const int64_t r0 = b * rows_per, rows = std::min(rows_per, t.m - r0);
-#ifdef CBF_HAVE_AVX2_ENCODER
-      if (encoder_avx2()) {
-        avx2::ffn_rows(t, r0, rows, h.data(), f.data());
-        continue;
-      }
-#endif
-      base::ffn_rows(t, r0, rows, h.data(), f.data());
+      CBF_ENCODER_KERNEL(ffn_rows, t, r0, rows, h.data(), f.data());
     }
   });
 }
@@ -163,10 +155,7 @@ void register_encoder_cpu(py::module_& m) {
         py::gil_scoped_release release;
         parallel_for_team((n + 4095) / 4096, threads, [&](int64_t b, int64_t e) {
           const int64_t lo = b * 4096, hi = std::min(n, e * 4096);
-#ifdef CBF_HAVE_AVX2_ENCODER
-          if (encoder_avx2()) return avx2::round_bf16(x + lo, hi - lo);
-#endif
-          base::round_bf16(x + lo, hi - lo);
+          CBF_ENCODER_KERNEL(round_bf16, x + lo, hi - lo);
         });
       },
       py::arg("ptr"), py::arg("n"), py::arg("threads") = 1,
@@ -179,10 +168,7 @@ void register_encoder_cpu(py::module_& m) {
         py::gil_scoped_release release;
         parallel_for_team((rows + 15) / 16, threads, [&](int64_t lo, int64_t hi) {
           const int64_t r0 = lo * 16, nr = std::min(rows, hi * 16) - r0;
-#ifdef CBF_HAVE_AVX2_ENCODER
-          if (encoder_avx2()) return avx2::bias_gelu_rows(x + r0 * row_stride, nr, n, row_stride, b);
-#endif
-          base::bias_gelu_rows(x + r0 * row_stride, nr, n, row_stride, b);
+          CBF_ENCODER_KERNEL(bias_gelu_rows, x + r0 * row_stride, nr, n, row_stride, b);
         });
       },
       py::arg("ptr"), py::arg("rows"), py::arg("n"), py::arg("row_stride"), py::arg("bias"), py::arg("threads") = 1,
@@ -204,13 +190,8 @@ void register_encoder_cpu(py::module_& m) {
           for (int64_t r = blo * 64; r < std::min(rows, bhi * 64); ++r) {
             const int64_t bi = r / (c * n), ci = (r / n) % c, ni = r % n;
             const int64_t r_lo = lo_bnc ? (bi * n + ni) * c + ci : r;
-#ifdef CBF_HAVE_AVX2_ENCODER
-            if (encoder_avx2()) {
-              avx2::layer_norm_row(xp + r * d, d, wp, bp, eps, split, lo + r_lo * split, hi + r * (d - split));
-              continue;
-            }
-#endif
-            base::layer_norm_row(xp + r * d, d, wp, bp, eps, split, lo + r_lo * split, hi + r * (d - split));
+            CBF_ENCODER_KERNEL(layer_norm_row, xp + r * d, d, wp, bp, eps, split, lo + r_lo * split,
+                               hi + r * (d - split));
           }
         });
       },
