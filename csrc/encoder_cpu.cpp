@@ -122,6 +122,54 @@ void run_ffn(const FfnTask& t, int threads) {
   });
 }
 
+// The stem in four passes over the rows (conv 1; norm + conv 2; norm + conv 3; norm), each parallel over
+// blocks of kStemRows patches. A GroupNorm needs its sample's statistics before the next pass: each block adds
+// its patches' sums to its own slot (double), and the slots of a sample are summed in block order after the
+// pass, so the result does not depend on the thread count.
+constexpr int64_t kStemRows = 16;
+
+void run_stem(const StemTask& t, int threads) {
+  const int64_t per_sample = (t.rows + kStemRows - 1) / kStemRows, items = t.batch * per_sample;
+  constexpr int nstat = 2 * kStemGroups, per = kStemChannels / kStemGroups;
+  std::vector<double> stats(static_cast<size_t>(items) * nstat);
+  std::vector<float> scale(static_cast<size_t>(t.batch) * kStemChannels), shift(scale.size());
+  for (int stage = 0; stage < 4; ++stage) {
+    std::fill(stats.begin(), stats.end(), 0.0);
+    parallel_for_team(items, threads, [&](int64_t lo, int64_t hi) {
+      for (int64_t it = lo; it < hi; ++it) {
+        const int64_t s = it / per_sample, r0 = s * t.rows + (it % per_sample) * kStemRows;
+        const int64_t r1 = std::min(r0 + kStemRows, (s + 1) * t.rows);
+        double* st = stats.data() + it * nstat;
+        if (stage == 0) {
+          CBF_ENCODER_KERNEL(stem_conv1, t, r0, r1, st);
+        } else {
+          const float* sc = scale.data() + s * kStemChannels;
+          const float* sh = shift.data() + s * kStemChannels;
+          CBF_ENCODER_KERNEL(stem_norm_conv, t, stage, r0, r1, sc, sh, st);
+        }
+      }
+    });
+    if (stage == 3) break;
+    // GroupNorm of stage's conv output: y * scale + shift with scale = rstd * gamma, shift = beta - mean * scale.
+    const double n = static_cast<double>(t.rows) * per * kStemPositions;
+    for (int64_t s = 0; s < t.batch; ++s)
+      for (int g = 0; g < kStemGroups; ++g) {
+        double sum = 0.0, sq = 0.0;
+        for (int64_t it = s * per_sample; it < (s + 1) * per_sample; ++it) {
+          sum += stats[it * nstat + 2 * g];
+          sq += stats[it * nstat + 2 * g + 1];
+        }
+        const double mean = sum / n, var = std::max(0.0, sq / n - mean * mean);
+        const double rstd = 1.0 / std::sqrt(var + static_cast<double>(t.eps));
+        for (int c = g * per; c < (g + 1) * per; ++c) {
+          const double a = rstd * t.gn_w[stage][c];
+          scale[s * kStemChannels + c] = static_cast<float>(a);
+          shift[s * kStemChannels + c] = static_cast<float>(t.gn_b[stage][c] - mean * a);
+        }
+      }
+  }
+}
+
 GemmTask gemm_from(const py::tuple& t) {
   if (t.size() != 12) throw std::invalid_argument("gemm: expected 12 values");
   auto i = [&](int k) { return t[k].cast<int64_t>(); };
@@ -222,6 +270,23 @@ void register_encoder_cpu(py::module_& m) {
       py::arg("x"), py::arg("out"), py::arg("m"), py::arg("d"), py::arg("ff"), py::arg("ln_w"), py::arg("ln_b"),
       py::arg("eps"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"), py::arg("threads") = 1,
       "The feed-forward block, out = x + GELU(LayerNorm(x) W1 + b1) W2 + b2, per block of 48 rows (see FfnTask)");
+  m.def(
+      "patch_stem_f32",
+      [](uintptr_t x, uintptr_t out, int64_t batch, int64_t rows, int64_t len, const py::tuple& params, float eps,
+         int threads) {
+        // params: 12 pointers, (w, b, gn_w, gn_b) of the three convs in turn
+        if (params.size() != 12) throw std::invalid_argument("patch stem: expected 12 parameter pointers");
+        if (batch < 0 || rows < 1 || (len - 1) / kStemStride + 1 != kStemPositions)
+          throw std::invalid_argument("patch stem: need rows >= 1 and 176 <= len <= 200");
+        auto p = [&](int k) { return reinterpret_cast<const float*>(params[k].cast<uintptr_t>()); };
+        StemTask t{reinterpret_cast<const float*>(x), reinterpret_cast<float*>(out), batch, rows, len,
+                   {p(0), p(4), p(8)}, {p(1), p(5), p(9)}, {p(2), p(6), p(10)}, {p(3), p(7), p(11)}, eps};
+        py::gil_scoped_release release;
+        run_stem(t, threads);
+      },
+      py::arg("x"), py::arg("out"), py::arg("batch"), py::arg("rows"), py::arg("len"), py::arg("params"),
+      py::arg("eps"), py::arg("threads") = 1,
+      "The patch embedding's conv stem (3 x conv + GroupNorm + GELU) over float32 patches, see StemTask");
   m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
   m.def("encoder_thread_team", [] { return std::string(process_openmp() ? "openmp" : "threads"); },
         "Whose threads the encoder kernels run on: the process's OpenMP team (torch's) or threads of their own");

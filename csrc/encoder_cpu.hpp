@@ -53,4 +53,20 @@ struct FfnTask {
   const float *w1, *b1, *w2, *b2;
 };
 
+// The patch embedding's convolution stem (the original's proj_in) over `rows` patches of `len` samples per
+// sample, `batch` samples: conv (1 -> 25 channels, kernel 49, stride 25, zero padding 24) -> GroupNorm -> GELU,
+// then twice conv (25 -> 25, kernel 3, padding 1) -> GroupNorm -> GELU. Every conv yields kStemPositions = 8
+// positions per patch (len in [176, 200]); GroupNorm's 5 groups of 5 channels take their statistics over all
+// the sample's patches. out: (batch * rows, 25 * 8), feature = channel * 8 + position (the original's order
+// after its transpose); w[0] is (25, 49), w[1] and w[2] are (25, 25, 3), as torch stores conv weights.
+constexpr int kStemChannels = 25, kStemKernel = 49, kStemStride = 25, kStemPad = 24, kStemPositions = 8,
+              kStemGroups = 5;
+struct StemTask {
+  const float* x;
+  float* out;
+  int64_t batch, rows, len;
+  const float *w[3], *b[3], *gn_w[3], *gn_b[3];
+  float eps;
+};
+
 }  // namespace cbf

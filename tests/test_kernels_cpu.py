@@ -1,5 +1,5 @@
 """The C++ CPU inference kernels (criss-cross attention, GEMM with epilogue, LayerNorm, bias + GELU, bf16
-rounding) against PyTorch references."""
+rounding, the patch embedding's conv stem) against PyTorch references."""
 
 from __future__ import annotations
 
@@ -134,6 +134,12 @@ def test_baseline_build_matches():
             "gold = torch.nn.functional.gelu(a.double() @ w.double().t());"
             "err = (k.linear(a, k.pack_weight(w), 37, gelu=True).double() - gold).abs().max().item();"
             "ref = (torch.nn.functional.gelu(a @ w.t()).double() - gold).abs().max().item();"
+            "assert err <= 2 * ref + 1e-6, (err, ref);"
+            "from cbramod_fast.model.embedding import PatchEmbedding; from cbramod_fast.model.config import "
+            "CBraModConfig; pe = PatchEmbedding(CBraModConfig()).eval(); x = torch.randn(2, 3, 4, 200, generator=g);"
+            "gold = pe.double().stem(x.double()); pe.float();"
+            "err = (k.patch_stem(x, k.stem_params(pe.proj_in), 1e-5, 2).double() - gold).abs().max().item();"
+            "ref = (pe.stem(x).double() - gold).abs().max().item();"
             "assert err <= 2 * ref + 1e-6, (err, ref); print('ok')")
     env = dict(os.environ, CBRAMOD_FAST_SIMD="baseline")
     # outside the checkout: `python -c` puts the cwd on sys.path, and the source tree has no built _ext
@@ -327,3 +333,62 @@ def test_feed_forward_bad_input():
         cpu.feed_forward(x, w, w, 1e-5, p1, b1, p2, w, out=torch.empty(3, 8))
     with pytest.raises(RuntimeError, match="no backward"):
         cpu.feed_forward(x.requires_grad_(), w, w, 1e-5, p1, b1, p2, w)
+
+
+# -- patch embedding stem -------------------------------------------------------------------------------------
+def _stem_module(seed):
+    """A patch embedding's conv stack with non-trivial GroupNorm affine parameters."""
+    from cbramod_fast.model.config import CBraModConfig
+    from cbramod_fast.model.embedding import PatchEmbedding
+
+    torch.manual_seed(seed)
+    pe = PatchEmbedding(CBraModConfig()).eval()
+    with torch.no_grad():
+        for gn in pe.proj_in[1::3]:
+            gn.weight.normal_(1.0, 0.3)
+            gn.bias.normal_(0.0, 0.3)
+    return pe
+
+
+@pytest.mark.parametrize("b, c, n, length", [(1, 1, 1, 200), (2, 19, 30, 200), (3, 5, 7, 176), (1, 12, 10, 200),
+                                             (2, 3, 2, 187)])
+def test_patch_stem_matches_torch(b, c, n, length):
+    """The native conv stack against the modules in float64 (2x-PyTorch rule plus 1e-6 of the output's scale),
+    with samples of very different scales (GroupNorm statistics are per sample)."""
+    pe = _stem_module(b + c + n)
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(b, c, n, length, generator=g) * torch.logspace(-2, 3, b).view(b, 1, 1, 1)
+    with torch.no_grad():
+        got = cpu.patch_stem(x, cpu.stem_params(pe.proj_in), pe.proj_in[1].eps, 2)
+        mine = pe.stem(x)
+        gold = pe.double().stem(x.double())
+    torch_err = (mine.double() - gold).abs().max().item()
+    err = (got.double() - gold).abs().max().item()
+    assert got.shape == (b, c, n, 200)
+    assert err <= 2 * torch_err + 1e-6 * gold.abs().max().item(), f"max err {err:.2e} vs torch's {torch_err:.2e}"
+
+
+def test_patch_stem_threads_do_not_change_results():
+    pe = _stem_module(0)
+    x = torch.randn(3, 7, 11, 200)
+    params = cpu.stem_params(pe.proj_in)
+    runs = [cpu.patch_stem(x, params, 1e-5, t) for t in (1, 2, 3)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_patch_stem_bad_input():
+    pe = _stem_module(0)
+    params = cpu.stem_params(pe.proj_in)
+    x = torch.randn(1, 2, 3, 200)
+    with pytest.raises(ValueError, match="176 <= len <= 200"):
+        cpu.patch_stem(torch.randn(1, 2, 3, 175), params, 1e-5, 1)
+    with pytest.raises(ValueError, match="176 <= len <= 200"):
+        cpu.patch_stem(x.double(), params, 1e-5, 1)
+    with pytest.raises(ValueError, match="x must be a contiguous float32"):
+        cpu.patch_stem(torch.randn(1, 3, 2, 200).transpose(1, 2), params, 1e-5, 1)
+    with pytest.raises(ValueError, match="params must be stem_params"):
+        cpu.patch_stem(x, params[:8], 1e-5, 1)
+    with pytest.raises(ValueError, match="params must be stem_params"):
+        cpu.patch_stem(x, params[4:8] + params[:4] + params[8:], 1e-5, 1)
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu.patch_stem(x.requires_grad_(), params, 1e-5, 1)

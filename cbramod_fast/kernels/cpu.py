@@ -260,3 +260,49 @@ def feed_forward(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: f
         raise RuntimeError("cpu.feed_forward has no backward: it is the inference path's kernel")
     return ffn_raw(x, x.new_empty((m, d)) if out is None else out, ln_w, ln_b, eps, w1_packed, b1, w2_packed, b2,
                    torch.get_num_threads())
+
+
+# -- patch embedding stem -------------------------------------------------------------------------------------
+STEM_CHANNELS, STEM_POSITIONS = 25, 8  # kStemChannels, kStemPositions (C++)
+
+
+def stem_available() -> bool:
+    return _ext is not None and hasattr(_ext, "patch_stem_f32")
+
+
+def stem_supports(x: torch.Tensor) -> bool:
+    """Whether the native stem computes the patch embedding's conv stack for ``x`` (B, C, N, len): float32 on
+    the CPU, and patches of 176..200 samples (the convs then give 8 positions per patch)."""
+    return stem_available() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and \
+        (x.shape[-1] - 1) // 25 + 1 == STEM_POSITIONS
+
+
+def stem_params(proj_in: torch.nn.Sequential) -> tuple[torch.Tensor, ...]:
+    """``PatchEmbedding.proj_in``'s tensors in ``patch_stem``'s order: (weight, bias, GroupNorm weight, GroupNorm
+    bias) of each conv in turn."""
+    return tuple(t.detach() for i in (0, 3, 6) for t in (proj_in[i].weight, proj_in[i].bias, proj_in[i + 1].weight,
+                                                         proj_in[i + 1].bias))
+
+
+def patch_stem(x: torch.Tensor, params: tuple[torch.Tensor, ...], eps: float, threads: int) -> torch.Tensor:
+    """The patch embedding's conv stack (``PatchEmbedding.proj_in``: three conv + GroupNorm + GELU, erf form) for
+    ``x`` (B, C, N, len), returned as (B, C, N, 25 * 8) in the original's feature order (channel * 8 +
+    position), in one native call (no autograd). ``params``: ``stem_params(proj_in)``; ``eps``: GroupNorm's."""
+    if not stem_available():
+        raise RuntimeError("the C++ extension cbramod_fast._ext is not built: reinstall the package")
+    if not stem_supports(x):
+        raise ValueError(f"patch_stem: x must be a float32 CPU tensor (B, C, N, len) with 176 <= len <= 200, "
+                         f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+    want = [(STEM_CHANNELS, 1, 1, 49)] + [(STEM_CHANNELS,)] * 3 + \
+        [(STEM_CHANNELS, STEM_CHANNELS, 1, 3)] + [(STEM_CHANNELS,)] * 3
+    if len(params) != 12 or any(tuple(p.shape) != want[i % 8 if i < 8 else i - 4] for i, p in enumerate(params)):
+        raise ValueError(f"patch_stem: params must be stem_params(proj_in), got shapes "
+                         f"{[tuple(p.shape) for p in params]}")
+    _require_contiguous_f32("patch_stem", {"x": x, **{f"params[{i}]": p for i, p in enumerate(params)}})
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        raise RuntimeError("cpu.patch_stem has no backward: it is the inference path's kernel")
+    b, c, n, length = x.shape
+    out = x.new_empty((b, c, n, STEM_CHANNELS * STEM_POSITIONS))
+    _ext.patch_stem_f32(x.data_ptr(), out.data_ptr(), b, c * n, length, tuple(p.data_ptr() for p in params), eps,
+                        threads)
+    return out

@@ -64,8 +64,10 @@ class CBraMod(nn.Module):
 
     @property
     def cpu_path(self) -> str | None:
-        """What the last CPU inference call ran (precision and each step's implementation), or None."""
-        return self.encoder.last_cpu_path
+        """What the last CPU inference call ran (precision, each step's implementation, the patch embedding's
+        conv stem), or None."""
+        layers, stem = self.encoder.last_cpu_path, self.patch_embedding.last_stem
+        return layers if layers is None or stem is None else f"{layers} stem={stem}"
 
     @classmethod
     def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto", cpu_path: str = "auto",
@@ -94,7 +96,7 @@ class CBraMod(nn.Module):
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, mask)
         backend = resolve_backend(self.backend, x.device)
-        return self.encoder(self.patch_embedding(x, mask), backend)
+        return self.encoder(self.patch_embedding(x, mask, self.encoder.cpu_path), backend)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.proj_out(self.encode(x, mask))

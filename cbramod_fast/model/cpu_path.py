@@ -513,3 +513,28 @@ def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], p
                 finalists.append((plan, lambda plan=plan, ws=ws: run_layer(layer, x, plan, ws)))
     times = _race([fn for _, fn in finalists], FINAL_ROUNDS)
     return finalists[times.index(min(times))][0]
+
+
+# -- the patch embedding's conv stem --------------------------------------------------------------------------
+_STEMS: dict[tuple, str] = {}
+
+
+def stem_for(embedding, x: torch.Tensor, path: str = "auto") -> str:
+    """How an inference call on ``x`` (B, C, N, len) runs the patch embedding's conv stack: ``"cpp"`` (one native
+    call, ``kernels/cpu.py``: float32, patches of 176..200 samples) or ``"torch"`` (its modules: oneDNN
+    convolutions, GroupNorm, GELU). ``plain`` forces torch and ``cpp`` the native stem wherever it applies;
+    otherwise the faster of the two on this shape bucket and thread count, measured once as the layers' steps are."""
+    path = _setting("CBRAMOD_FAST_CPU_PATH", path, PATHS)
+    if path == "plain" or not cpu.stem_supports(x):
+        return "torch"
+    if path == "cpp":
+        return "cpp"
+    b, c, n, length = x.shape
+    cap = max(1, TUNE_TOKENS // (c * n))
+    bucket = min(1 << (b - 1).bit_length(), 1 << (cap - 1).bit_length())
+    key = (c, n, length, bucket, torch.get_num_threads())
+    if key not in _STEMS:
+        xs = x[:min(b, bucket)].contiguous()
+        times = _race([lambda: embedding.stem(xs, "cpp"), lambda: embedding.stem(xs, "torch")], STEP_ROUNDS)
+        _STEMS[key] = "cpp" if times[0] <= times[1] else "torch"
+    return _STEMS[key]

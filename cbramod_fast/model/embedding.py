@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import cpu
 from .config import CBraModConfig
+from .cpu_path import stem_for
 
 
 class PatchEmbedding(nn.Module):
@@ -33,15 +35,34 @@ class PatchEmbedding(nn.Module):
             nn.GELU(),
         )
         self.spectral_proj = nn.Sequential(nn.Linear(cfg.in_dim // 2 + 1, d), nn.Dropout(cfg.dropout))
+        self.last_stem: str | None = None  # how the last CPU inference call ran the conv stack (stem_for)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def stem(self, x: torch.Tensor, how: str = "torch") -> torch.Tensor:
+        """The conv stack on ``x`` (B, C, N, in_dim) -> (B, C, N, d_model), feature = conv channel * 8 + position;
+        ``how``: ``"torch"`` (the modules) or ``"cpp"`` (one native call, inference only: ``cpu_path.stem_for``)."""
         b, c, n, p = x.shape
+        if how == "cpp":
+            return cpu.patch_stem(x.contiguous(), cpu.stem_params(self.proj_in), self.proj_in[1].eps,
+                                  torch.get_num_threads())
+        # GroupNorm statistics span all C*N patches of a sample, so the conv stack sees one row per patch.
+        h = self.proj_in(x.reshape(b, 1, c * n, p))  # (B, 25, C*N, 8)
+        return h.transpose(1, 2).reshape(b, c, n, self.d_model)
+
+    def native_stem_allowed(self, x: torch.Tensor) -> bool:
+        """Inference on the CPU (eval mode, no gradient wanted, not being compiled): the native stem may run."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            q.requires_grad for q in self.proj_in.parameters()))
+        return x.device.type == "cpu" and not self.training and not needs_grad and not torch.compiler.is_compiling()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cpu_path: str = "auto") -> torch.Tensor:
+        """``cpu_path``: the encoder's CPU path setting (``cpu_path.PATHS``); it decides the stem in inference."""
         if mask is not None:
             # torch.where instead of boolean indexing: no host sync, no graph break under torch.compile.
             x = torch.where(mask.unsqueeze(-1) != 0, self.mask_encoding.to(x.dtype), x)
-        # GroupNorm statistics span all C*N patches of a sample, so the conv stack sees one row per patch.
-        h = self.proj_in(x.reshape(b, 1, c * n, p))  # (B, 25, C*N, 8)
-        h = h.transpose(1, 2).reshape(b, c, n, self.d_model)  # feature = conv channel * 8 + position
+        how = "torch"
+        if self.native_stem_allowed(x):
+            how = self.last_stem = stem_for(self, x, cpu_path)
+        h = self.stem(x, how)
         # pocketfft has no bf16/fp16 kernels: transform low-precision input in fp32 (native bf16 models).
         low = x.dtype in (torch.bfloat16, torch.float16)
         spec = torch.fft.rfft(x.float() if low else x, dim=-1, norm="forward").abs()
