@@ -218,6 +218,29 @@ def test_plain_ops_win_when_they_are_faster(force, monkeypatch):
     assert (out - ref(x)).abs().max().item() <= OUT_ATOL
 
 
+@pytest.mark.parametrize("split, fused, plain, want", [(1.0, 1.02, 2.0, "fused"), (1.0, 1.05, 2.0, "split"),
+                                                        (1.0, 1.02, 1.01, "split"), (1.02, 1.0, 2.0, "fused")])
+def test_near_ties_go_to_the_fused_block_but_never_past_plain(force, monkeypatch, split, fused, plain, want):
+    """Finalists (the plain forward, then split and fused per thread count): a fused plan within FUSED_TIE of
+    the fastest wins, unless the plain forward timed faster than it."""
+    if not cpu.gemm_available():
+        pytest.skip("the C++ extension is not built")
+    force("auto")
+    monkeypatch.setattr(cpu_path, "_PLANS", {})
+    real_race = cpu_path._race
+
+    def fake_race(fns, rounds):
+        if rounds == cpu_path.STEP_ROUNDS:
+            return real_race(fns, rounds)
+        return [plain, split, fused] + [9.0] * (len(fns) - 3)
+
+    monkeypatch.setattr(cpu_path, "_race", fake_race)
+    fast, _ = _pair()
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 4, 200))
+    assert "ffn=fused" in fast.cpu_path if want == "fused" else "ffn1=" in fast.cpu_path, fast.cpu_path
+
+
 def test_outputs_never_alias_reused_buffers_and_threads_do_not_share_them():
     import threading
 
