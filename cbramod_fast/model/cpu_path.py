@@ -426,6 +426,13 @@ def _race(fns: list, rounds: int) -> list[float]:
     return best
 
 
+def _bucket(b: int, per_sample: int) -> int:
+    """The batch bucket a measurement stands for: b rounded up to a power of two, capped near TUNE_TOKENS
+    tokens (bigger batches are measured on a slice of this many samples)."""
+    cap = max(1, TUNE_TOKENS // per_sample)
+    return min(1 << (b - 1).bit_length(), 1 << (cap - 1).bit_length())
+
+
 def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
     """The plan for inference on ``x`` (B, C, N, d) with these layers, or None for the plain path."""
     path = _setting("CBRAMOD_FAST_CPU_PATH", path, PATHS)
@@ -447,9 +454,7 @@ def plan_for(layers, x: torch.Tensor, path: str = "auto") -> Plan | None:
         if path in ("blas", "cpp"):  # float32 GEMMs only
             precisions = [p for p in precisions if p != "bf16-native"]
     b, c, n, d = x.shape
-    per_sample = c * n
-    cap = max(1, TUNE_TOKENS // per_sample)
-    bucket = min(1 << (b - 1).bit_length(), 1 << (cap - 1).bit_length())
+    bucket = _bucket(b, c * n)
     stream_fp32 = x.dtype == torch.float32
     key = (c, n, bucket, x.dtype, req, torch.get_num_threads(), d, layer.linear1.weight.shape[0], layer.heads,
            path, attention, bf16)
@@ -541,8 +546,7 @@ def stem_for(embedding, x: torch.Tensor, path: str = "auto") -> str:
     if path == "cpp":
         return "cpp"
     b, c, n, length = x.shape
-    cap = max(1, TUNE_TOKENS // (c * n))
-    bucket = min(1 << (b - 1).bit_length(), 1 << (cap - 1).bit_length())
+    bucket = _bucket(b, c * n)
     key = (c, n, length, bucket, torch.get_num_threads())
     if key not in _STEMS:
         xs = x[:min(b, bucket)].contiguous()
