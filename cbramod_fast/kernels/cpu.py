@@ -263,7 +263,10 @@ def feed_forward(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: f
 
 
 # -- patch embedding stem -------------------------------------------------------------------------------------
-STEM_CHANNELS, STEM_POSITIONS = 25, 8  # kStemChannels, kStemPositions (C++)
+STEM_CHANNELS, STEM_STRIDE, STEM_POSITIONS = 25, 25, 8  # kStemChannels, kStemStride, kStemPositions (C++)
+# stem_params' shapes: (conv weight, conv bias, GroupNorm weight, GroupNorm bias) of each conv in turn
+STEM_SHAPES = [(STEM_CHANNELS, 1, 1, 49)] + [(STEM_CHANNELS,)] * 3 + \
+    ([(STEM_CHANNELS, STEM_CHANNELS, 1, 3)] + [(STEM_CHANNELS,)] * 3) * 2
 
 
 def stem_available() -> bool:
@@ -274,7 +277,7 @@ def stem_supports(x: torch.Tensor) -> bool:
     """Whether the native stem computes the patch embedding's conv stack for ``x`` (B, C, N, len): float32 on
     the CPU, and patches of 176..200 samples (the convs then give 8 positions per patch)."""
     return stem_available() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and \
-        (x.shape[-1] - 1) // 25 + 1 == STEM_POSITIONS
+        (x.shape[-1] - 1) // STEM_STRIDE + 1 == STEM_POSITIONS
 
 
 def stem_params(proj_in: torch.nn.Sequential) -> tuple[torch.Tensor, ...]:
@@ -293,9 +296,7 @@ def patch_stem(x: torch.Tensor, params: tuple[torch.Tensor, ...], eps: float, th
     if not stem_supports(x):
         raise ValueError(f"patch_stem: x must be a float32 CPU tensor (B, C, N, len) with 176 <= len <= 200, "
                          f"got {x.dtype} {tuple(x.shape)} on {x.device}")
-    want = [(STEM_CHANNELS, 1, 1, 49)] + [(STEM_CHANNELS,)] * 3 + \
-        [(STEM_CHANNELS, STEM_CHANNELS, 1, 3)] + [(STEM_CHANNELS,)] * 3
-    if len(params) != 12 or any(tuple(p.shape) != want[i % 8 if i < 8 else i - 4] for i, p in enumerate(params)):
+    if [tuple(p.shape) for p in params] != STEM_SHAPES:
         raise ValueError(f"patch_stem: params must be stem_params(proj_in), got shapes "
                          f"{[tuple(p.shape) for p in params]}")
     _require_contiguous_f32("patch_stem", {"x": x, **{f"params[{i}]": p for i, p in enumerate(params)}})

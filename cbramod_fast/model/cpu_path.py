@@ -89,6 +89,13 @@ def _setting(env: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def cpu_inference(x: torch.Tensor, training: bool, params) -> bool:
+    """Whether a call may take the CPU inference kernels: ``x`` on the CPU, eval mode, not being compiled, and no
+    gradient wanted for ``x`` or any of ``params`` (e.g. partial fine-tuning runs the plain ops)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return x.device.type == "cpu" and not training and not torch.compiler.is_compiling() and not needs_grad
+
+
 # -- weights in the layout each step wants, cached per layer ------------------------------------------------
 _NAMES = ("in_s", "in_s_b", "in_t", "in_t_b", "out_s", "out_s_b", "out_t", "out_t_b", "l1", "l1_b", "l2", "l2_b",
           "n1w", "n1b", "n2w", "n2b")

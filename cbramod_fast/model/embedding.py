@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kernels import cpu
 from .config import CBraModConfig
-from .cpu_path import stem_for
+from .cpu_path import cpu_inference, stem_for
 
 
 class PatchEmbedding(nn.Module):
@@ -48,19 +48,13 @@ class PatchEmbedding(nn.Module):
         h = self.proj_in(x.reshape(b, 1, c * n, p))  # (B, 25, C*N, 8)
         return h.transpose(1, 2).reshape(b, c, n, self.d_model)
 
-    def native_stem_allowed(self, x: torch.Tensor) -> bool:
-        """Inference on the CPU (eval mode, no gradient wanted, not being compiled): the native stem may run."""
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            q.requires_grad for q in self.proj_in.parameters()))
-        return x.device.type == "cpu" and not self.training and not needs_grad and not torch.compiler.is_compiling()
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cpu_path: str = "auto") -> torch.Tensor:
         """``cpu_path``: the encoder's CPU path setting (``cpu_path.PATHS``); it decides the stem in inference."""
         if mask is not None:
             # torch.where instead of boolean indexing: no host sync, no graph break under torch.compile.
             x = torch.where(mask.unsqueeze(-1) != 0, self.mask_encoding.to(x.dtype), x)
         how = "torch"
-        if self.native_stem_allowed(x):
+        if cpu_inference(x, self.training, self.proj_in.parameters()):
             how = self.last_stem = stem_for(self, x, cpu_path)
         h = self.stem(x, how)
         # pocketfft has no bf16/fp16 kernels: transform low-precision input in fp32 (native bf16 models).

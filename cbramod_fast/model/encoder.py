@@ -89,13 +89,8 @@ class Encoder(nn.Module):
         self.cpu_path = "auto"  # forcing setting of the CPU inference path (cpu_path.PATHS)
         self.last_cpu_path: str | None = None  # what the last CPU inference call ran
 
-    def _cpu_inference(self, x: torch.Tensor) -> bool:
-        # Any tensor that needs a gradient (input or any parameter, e.g. partial fine-tuning) -> plain ops.
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return x.device.type == "cpu" and not self.training and not torch.compiler.is_compiling() and not needs_grad
-
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        cpu = self._cpu_inference(x)
+        cpu = cpu_path.cpu_inference(x, self.training, self.parameters())
         plan = cpu_path.plan_for(self.layers, x, self.cpu_path) if cpu else None
         if cpu:
             self.last_cpu_path = plan.describe() if plan else f"plain ({x.dtype}, {self.cpu_path})"
