@@ -232,10 +232,10 @@ def test_kernels_run_on_torchs_openmp_team_and_threads_do_not_change_results():
 
 
 @pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 100, 300), (960, 100, 100), (13, 800, 200), (120, 200, 800),
-                                     (50, 257, 17), (5, 3, 33)])
+                                     (50, 257, 17), (5, 3, 33), (23, 40, 24)])
 def test_linear_matches_torch(m, k, n):
-    """Every epilogue (bias, residual, GELU) on the tile shapes' edges: rows not a multiple of 6, columns not
-    a multiple of 16, depth over one k block (256); 2x-PyTorch rule against float64 (plus a floor of 1e-6
+    """Every epilogue (bias, residual, GELU) on the tile shapes' edges: rows not a multiple of 6 (or of 12, for
+    a last panel of at most 8 columns), columns not a multiple of 16, depth over one k block (256); 2x-PyTorch rule against float64 (plus a floor of 1e-6
     of the output's scale)."""
     g = torch.Generator().manual_seed(m * k + n)
     a = torch.randn(m, k, generator=g)
