@@ -4,6 +4,8 @@
 
 - ``stem``: the patch embedding's conv stack (three conv + GroupNorm + GELU), ``cpu.patch_stem`` vs the
   modules (oneDNN convolutions).
+- ``posconv``: the positional depthwise conv (19x7) plus its residual, ``cpu.positional_conv`` vs the module
+  (oneDNN) and an add; ``magnitude``: the patch spectra's |z|, ``cpu.magnitude`` vs ``Tensor.abs``.
 - ``ffn``: the feed-forward block of one layer, ``cpu.feed_forward`` (LayerNorm + both GEMMs per block of
   rows) vs ``F.layer_norm`` -> ``F.linear`` -> ``F.gelu`` -> ``F.linear`` + residual.
 
@@ -55,3 +57,25 @@ def test_ffn(benchmark, model, impl, shape):
         fn = lambda: x + l2(F.gelu(l1(F.layer_norm(x, (200,), ln.weight, ln.bias, ln.eps))))
     with torch.no_grad():
         benchmark(fn)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_posconv(benchmark, model, impl, shape):
+    h = torch.randn(*SHAPES[shape], 200)
+    conv = model.patch_embedding.positional_encoding[0]
+    benchmark.group = f"posconv {shape}"
+    threads = torch.get_num_threads()
+    fn = (lambda: cpu.positional_conv(h, conv, threads)) if impl == "cpp" else \
+        (lambda: h + conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    with torch.no_grad():
+        benchmark(fn)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_magnitude(benchmark, impl, shape):
+    z = torch.fft.rfft(torch.randn(*SHAPES[shape], 200), dim=-1, norm="forward")
+    benchmark.group = f"magnitude {shape}"
+    threads = torch.get_num_threads()
+    benchmark((lambda: cpu.magnitude(z, threads)) if impl == "cpp" else z.abs)

@@ -287,6 +287,35 @@ void register_encoder_cpu(py::module_& m) {
       py::arg("x"), py::arg("out"), py::arg("batch"), py::arg("rows"), py::arg("len"), py::arg("params"),
       py::arg("eps"), py::arg("threads") = 1,
       "The patch embedding's conv stem (3 x conv + GroupNorm + GELU) over float32 patches, see StemTask");
+  m.def(
+      "pos_conv_f32",
+      [](uintptr_t h, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t b, int64_t c, int64_t n, int64_t d, int kh,
+         int kw, int ph, int pw, int threads) {
+        if (b < 0 || c < 1 || n < 1 || d < 8 || d % 8 || kh < 1 || kw < 1 || ph < 0 || pw < 0)
+          throw std::invalid_argument("pos conv: bad sizes (d must be a positive multiple of 8)");
+        const PosConvTask t{reinterpret_cast<const float*>(h), reinterpret_cast<const float*>(w),
+                            reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), b, c, n, d,
+                            kh, kw, ph, pw};
+        py::gil_scoped_release release;
+        parallel_for_team(b * c, threads, [&](int64_t lo, int64_t hi) {
+          for (int64_t r = lo; r < hi; ++r) CBF_ENCODER_KERNEL(pos_conv_row, t, r / c, r % c);
+        });
+      },
+      py::arg("h"), py::arg("w"), py::arg("bias"), py::arg("out"), py::arg("b"), py::arg("c"), py::arg("n"),
+      py::arg("d"), py::arg("kh"), py::arg("kw"), py::arg("ph"), py::arg("pw"), py::arg("threads") = 1,
+      "The positional depthwise conv plus its residual over float32 channels-last grids, see PosConvTask");
+  m.def(
+      "magnitude_f32",
+      [](uintptr_t z, uintptr_t out, int64_t n, int threads) {
+        const float* zp = reinterpret_cast<const float*>(z);
+        float* op = reinterpret_cast<float*>(out);
+        py::gil_scoped_release release;
+        parallel_for_team((n + 4095) / 4096, threads, [&](int64_t lo, int64_t hi) {
+          CBF_ENCODER_KERNEL(magnitude, zp + 2 * lo * 4096, op + lo * 4096, std::min(n, hi * 4096) - lo * 4096);
+        });
+      },
+      py::arg("z"), py::arg("out"), py::arg("n"), py::arg("threads") = 1,
+      "out[i] = |z[i]| for n contiguous complex64 values, as sqrt(re^2 + im^2)");
   m.def("encoder_simd_path", [] { return std::string(encoder_avx2() ? "avx2+fma" : "baseline"); });
   m.def("encoder_thread_team", [] { return std::string(process_openmp() ? "openmp" : "threads"); },
         "Whose threads the encoder kernels run on: the process's OpenMP team (torch's) or threads of their own");

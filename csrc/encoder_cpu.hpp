@@ -69,4 +69,15 @@ struct StemTask {
   float eps;
 };
 
+// The patch embedding's positional encoding with its residual: a depthwise conv over the (C, N) grid of each
+// sample, channels last. out[b, c, n, :] = h[b, c, n, :] + bias + sum_{i < kh, j < kw} w[i, j, :] *
+// h[b, c + i - ph, n + j - pw, :] (zero outside the grid); w is (kh, kw, d) (torch's (d, 1, kh, kw) moved),
+// d a multiple of 8. out must not overlap h.
+struct PosConvTask {
+  const float *h, *w, *bias;
+  float* out;
+  int64_t b, c, n, d;
+  int kh, kw, ph, pw;
+};
+
 }  // namespace cbf

@@ -392,3 +392,64 @@ def test_patch_stem_bad_input():
         cpu.patch_stem(x, params[4:8] + params[:4] + params[8:], 1e-5, 1)
     with pytest.raises(RuntimeError, match="no backward"):
         cpu.patch_stem(x.requires_grad_(), params, 1e-5, 1)
+
+
+# -- patch embedding: spectrum magnitude, positional conv -------------------------------------------------------
+def test_magnitude_matches_abs():
+    """sqrt(re^2 + im^2) against float64 |z|: within twice Tensor.abs's error plus an ulp, on the patch spectra's
+    sizes (4-wide blocks and a tail), zeros and magnitudes whose squares overflow or underflow float32."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.complex(torch.randn(3, 7, 101, generator=g), torch.randn(3, 7, 101, generator=g))
+    z = z * torch.logspace(-20, 20, 101).view(1, 1, 101)
+    z[0, 0, :5] = 0
+    gold = torch.view_as_real(z).double().square().sum(-1).sqrt()
+    for threads in (1, 2):
+        got = cpu.magnitude(z.contiguous(), threads)
+        rel = ((got.double() - gold).abs() / gold.clamp_min(1e-300)).max().item()
+        torch_rel = ((z.abs().double() - gold).abs() / gold.clamp_min(1e-300)).max().item()
+        assert got.shape == z.shape and rel <= 2 * torch_rel + 2 ** -24, (rel, torch_rel)
+    with pytest.raises(ValueError, match="complex64"):
+        cpu.magnitude(z.to(torch.complex128), 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu.magnitude(z.transpose(1, 2), 1)
+
+
+def _pos_conv(seed, d=200):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(d, d, kernel_size=(19, 7), padding=(9, 3), groups=d)
+    with torch.no_grad():
+        conv.bias.normal_()
+    return conv
+
+
+@pytest.mark.parametrize("b, c, n, d", [(1, 1, 1, 200), (8, 12, 10, 200), (1, 19, 30, 200), (2, 25, 5, 200),
+                                        (3, 2, 7, 16), (1, 4, 3, 8)])
+def test_positional_conv_matches_torch(b, c, n, d):
+    """h + depthwise conv(h) against the module in float64 (2x-PyTorch rule plus 1e-6 of the output's scale):
+    grids smaller than the kernel (every tap clipped), position counts not a multiple of 4, channel counts
+    with and without a 24-channel block."""
+    conv = _pos_conv(b + c + n, d)
+    h = torch.randn(b, c, n, d, generator=torch.Generator().manual_seed(d))
+    with torch.no_grad():
+        mine = h + conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        gold = h.double() + conv.double()(h.double().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        conv.float()
+        runs = [cpu.positional_conv(h, conv, t) for t in (1, 2, 3)]
+    torch_err = (mine.double() - gold).abs().max().item()
+    err = (runs[0].double() - gold).abs().max().item()
+    assert err <= 2 * torch_err + 1e-6 * gold.abs().max().item(), f"max err {err:.2e} vs torch's {torch_err:.2e}"
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), "the thread count changed the result"
+
+
+def test_positional_conv_bad_input():
+    conv = _pos_conv(0)
+    h = torch.randn(1, 2, 3, 200)
+    assert cpu.pos_conv_supports(h, conv) and not cpu.pos_conv_supports(h.double(), conv)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu.positional_conv(torch.randn(1, 2, 3, 12), _pos_conv(0, 12), 1)
+    with pytest.raises(ValueError, match="depthwise"):
+        cpu.positional_conv(h, torch.nn.Conv2d(200, 200, 3, padding=1), 1)
+    with pytest.raises(ValueError, match="float32"):
+        cpu.positional_conv(h.to(torch.bfloat16), conv, 1)
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu.positional_conv(h, conv, 1)  # the conv's weights want gradients

@@ -76,7 +76,7 @@ def test_each_forced_path_matches_fixtures(fixture, path, attention, force):
             steps = ("qkv",) + ("out",) * (path != "onednn") + ("ffn1", "ffn2") * (path != "cpp")
             assert all(f"{step}={path}" in used for step in steps), used
             assert ("ffn=fused" in used) == (path == "cpp"), used
-        assert used.endswith({"plain": "stem=torch", "cpp": "stem=cpp"}.get(path, "")) and "stem=" in used, used
+        assert used.endswith({"plain": "embed=torch", "cpp": "embed=cpp"}.get(path, "")) and "embed=" in used, used
         for name, got, ref in (("feats", feats, case["feats"]), ("out", out, case["out"])):
             err = (got - ref).abs().max().item()
             assert err <= OUT_ATOL, f"{path}/{attention} {tuple(case['x'].shape)} {name}: max abs err {err:.2e}"
@@ -276,17 +276,17 @@ def test_native_stem_serves_inference_only(force):
     x = torch.randn(2, 4, 3, 200, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         out = fast(x)
-        assert fast.cpu_path.endswith(("stem=cpp", "stem=torch")), fast.cpu_path
+        assert fast.cpu_path.endswith(("embed=cpp", "embed=torch")), fast.cpu_path
         assert (out - ref(x)).abs().max().item() <= OUT_ATOL
     for p in fast.encoder.parameters():  # fine-tuning only the embedding: its convs need their gradients
         p.requires_grad_(False)
     force("cpp")
-    fast.patch_embedding.last_stem = None
+    fast.patch_embedding.last_embed = None
     fast(x).sum().backward()
-    assert fast.patch_embedding.last_stem is None, "a gradient-wanting call went through the native stem"
+    assert fast.patch_embedding.last_embed is None, "a gradient-wanting call went through the native stem"
     assert fast.patch_embedding.proj_in[0].weight.grad is not None
     with torch.no_grad():
         fast(x)
-        assert fast.cpu_path.endswith("stem=cpp"), fast.cpu_path
+        assert fast.cpu_path.endswith("embed=cpp"), fast.cpu_path
         fast.to(torch.bfloat16)(x.to(torch.bfloat16))
-        assert fast.cpu_path.endswith("stem=torch"), fast.cpu_path
+        assert fast.cpu_path.endswith("embed=torch"), fast.cpu_path

@@ -65,9 +65,9 @@ class CBraMod(nn.Module):
     @property
     def cpu_path(self) -> str | None:
         """What the last CPU inference call ran (precision, each step's implementation, the patch embedding's
-        conv stem), or None."""
-        layers, stem = self.encoder.last_cpu_path, self.patch_embedding.last_stem
-        return layers if layers is None or stem is None else f"{layers} stem={stem}"
+        native kernels or modules), or None."""
+        layers, embed = self.encoder.last_cpu_path, self.patch_embedding.last_embed
+        return layers if layers is None or embed is None else f"{layers} embed={embed}"
 
     @classmethod
     def from_config(cls, cfg: CBraModConfig | str, backend: str = "auto", cpu_path: str = "auto",

@@ -538,15 +538,16 @@ def _measure(layer, x: torch.Tensor, options: dict[str, dict[str, list[str]]], p
     return finalists[min(tied, key=times.__getitem__) if tied else best][0]
 
 
-# -- the patch embedding's conv stem --------------------------------------------------------------------------
-_STEMS: dict[tuple, str] = {}
+# -- the patch embedding: native kernels or modules ------------------------------------------------------------
+_EMBEDS: dict[tuple, str] = {}
 
 
-def stem_for(embedding, x: torch.Tensor, path: str = "auto") -> str:
-    """How an inference call on ``x`` (B, C, N, len) runs the patch embedding's conv stack: ``"cpp"`` (one native
-    call, ``kernels/cpu.py``: float32, patches of 176..200 samples) or ``"torch"`` (its modules: oneDNN
-    convolutions, GroupNorm, GELU). ``plain`` forces torch and ``cpp`` the native stem wherever it applies;
-    otherwise the faster of the two on this shape bucket and thread count, measured once as the layers' steps are."""
+def embed_for(embedding, x: torch.Tensor, path: str = "auto") -> str:
+    """How an inference call on ``x`` (B, C, N, len) runs the patch embedding: ``"cpp"`` (its native kernels,
+    ``kernels/cpu.py``: the conv stack in one call, float32 patches of 176..200 samples, the spectrum's magnitude
+    and the positional conv with its residual) or ``"torch"`` (its modules: oneDNN convolutions, GroupNorm, GELU,
+    ``abs``). ``plain`` forces torch and ``cpp`` the native kernels wherever they apply; otherwise the faster of
+    the two whole embeddings on this shape bucket and thread count, measured once as the layers' steps are."""
     path = _setting("CBRAMOD_FAST_CPU_PATH", path, PATHS)
     if path == "plain" or not cpu.stem_supports(x):
         return "torch"
@@ -555,8 +556,8 @@ def stem_for(embedding, x: torch.Tensor, path: str = "auto") -> str:
     b, c, n, length = x.shape
     bucket = _bucket(b, c * n)
     key = (c, n, length, bucket, torch.get_num_threads())
-    if key not in _STEMS:
+    if key not in _EMBEDS:
         xs = x[:min(b, bucket)].contiguous()
-        times = _race([lambda: embedding.stem(xs, "cpp"), lambda: embedding.stem(xs, "torch")], STEP_ROUNDS)
-        _STEMS[key] = "cpp" if times[0] <= times[1] else "torch"
-    return _STEMS[key]
+        times = _race([lambda: embedding.embed(xs, "cpp"), lambda: embedding.embed(xs, "torch")], STEP_ROUNDS)
+        _EMBEDS[key] = "cpp" if times[0] <= times[1] else "torch"
+    return _EMBEDS[key]

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..kernels import cpu
 from .config import CBraModConfig
-from .cpu_path import cpu_inference, stem_for
+from .cpu_path import cpu_inference, embed_for
 
 
 class PatchEmbedding(nn.Module):
@@ -35,11 +35,11 @@ class PatchEmbedding(nn.Module):
             nn.GELU(),
         )
         self.spectral_proj = nn.Sequential(nn.Linear(cfg.in_dim // 2 + 1, d), nn.Dropout(cfg.dropout))
-        self.last_stem: str | None = None  # how the last CPU inference call ran the conv stack (stem_for)
+        self.last_embed: str | None = None  # how the last CPU inference call ran (embed_for: "cpp" | "torch")
 
     def stem(self, x: torch.Tensor, how: str = "torch") -> torch.Tensor:
         """The conv stack on ``x`` (B, C, N, in_dim) -> (B, C, N, d_model), feature = conv channel * 8 + position;
-        ``how``: ``"torch"`` (the modules) or ``"cpp"`` (one native call, inference only: ``cpu_path.stem_for``)."""
+        ``how``: ``"torch"`` (the modules) or ``"cpp"`` (one native call, inference only: ``cpu_path.embed_for``)."""
         b, c, n, p = x.shape
         if how == "cpp":
             return cpu.patch_stem(x.contiguous(), cpu.stem_params(self.proj_in), self.proj_in[1].eps,
@@ -49,19 +49,30 @@ class PatchEmbedding(nn.Module):
         return h.transpose(1, 2).reshape(b, c, n, self.d_model)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cpu_path: str = "auto") -> torch.Tensor:
-        """``cpu_path``: the encoder's CPU path setting (``cpu_path.PATHS``); it decides the stem in inference."""
+        """``cpu_path``: the encoder's CPU path setting (``cpu_path.PATHS``); it decides the native kernels in
+        inference."""
         if mask is not None:
             # torch.where instead of boolean indexing: no host sync, no graph break under torch.compile.
             x = torch.where(mask.unsqueeze(-1) != 0, self.mask_encoding.to(x.dtype), x)
         how = "torch"
-        if cpu_inference(x, self.training, self.proj_in.parameters()):
-            how = self.last_stem = stem_for(self, x, cpu_path)
+        if cpu_inference(x, self.training, self.parameters()):
+            how = self.last_embed = embed_for(self, x, cpu_path)
+        return self.embed(x, how)
+
+    def embed(self, x: torch.Tensor, how: str = "torch") -> torch.Tensor:
+        """Conv stack + spectral projection + positional conv of (masked) patches ``x`` (B, C, N, in_dim);
+        ``how``: ``"torch"`` (the modules) or ``"cpp"`` (the native conv stack, spectrum magnitude and positional
+        conv; inference only, chosen by ``cpu_path.embed_for``)."""
         h = self.stem(x, how)
         # pocketfft has no bf16/fp16 kernels: transform low-precision input in fp32 (native bf16 models).
         low = x.dtype in (torch.bfloat16, torch.float16)
-        spec = torch.fft.rfft(x.float() if low else x, dim=-1, norm="forward").abs()
+        spec = torch.fft.rfft(x.float() if low else x, dim=-1, norm="forward")
+        spec = cpu.magnitude(spec, torch.get_num_threads()) if how == "cpp" else spec.abs()
         spec = spec.to(x.dtype) if low else spec
         h = h + self.spectral_proj(spec)
+        conv = self.positional_encoding[0]
+        if how == "cpp" and cpu.pos_conv_supports(h, conv):
+            return cpu.positional_conv(h, conv, torch.get_num_threads())
         # (B, C, N, D) permuted to (B, D, C, N) is exactly channels_last: the depthwise conv reads it in place.
         pos = self.positional_encoding(h.permute(0, 3, 1, 2))
         return h + pos.permute(0, 2, 3, 1)
