@@ -4,6 +4,7 @@
 // pointers and element strides; nothing here allocates tensors or keeps a pointer after returning.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "encoder_cpu.hpp"
 #include "common.hpp"
@@ -53,6 +54,14 @@ bool encoder_avx2() {
 
 void run(const AttentionHalf* halves, int n, int heads, int head_dim, int threads) {
   CBF_ENCODER_KERNEL(attend_halves, halves, n, heads, head_dim, threads);
+}
+
+// fn(lo, hi) over [0, n) in ranges of whole blocks of 4096 elements, in parallel (element-wise kernels).
+template <typename Fn>
+void parallel_elements(int64_t n, int threads, Fn fn) {
+  constexpr int64_t kBlock = 4096;
+  parallel_for_team((n + kBlock - 1) / kBlock, threads,
+                    [&](int64_t b, int64_t e) { fn(b * kBlock, std::min(n, e * kBlock)); });
 }
 
 AttentionHalf half_from(const py::tuple& t) {
@@ -201,10 +210,7 @@ void register_encoder_cpu(py::module_& m) {
       [](uintptr_t ptr, int64_t n, int threads) {
         float* x = reinterpret_cast<float*>(ptr);
         py::gil_scoped_release release;
-        parallel_for_team((n + 4095) / 4096, threads, [&](int64_t b, int64_t e) {
-          const int64_t lo = b * 4096, hi = std::min(n, e * 4096);
-          CBF_ENCODER_KERNEL(round_bf16, x + lo, hi - lo);
-        });
+        parallel_elements(n, threads, [&](int64_t lo, int64_t hi) { CBF_ENCODER_KERNEL(round_bf16, x + lo, hi - lo); });
       },
       py::arg("ptr"), py::arg("n"), py::arg("threads") = 1,
       "Round n contiguous float32 values to the nearest bfloat16 (ties to even), in place");
@@ -310,8 +316,8 @@ void register_encoder_cpu(py::module_& m) {
         const float* zp = reinterpret_cast<const float*>(z);
         float* op = reinterpret_cast<float*>(out);
         py::gil_scoped_release release;
-        parallel_for_team((n + 4095) / 4096, threads, [&](int64_t lo, int64_t hi) {
-          CBF_ENCODER_KERNEL(magnitude, zp + 2 * lo * 4096, op + lo * 4096, std::min(n, hi * 4096) - lo * 4096);
+        parallel_elements(n, threads, [&](int64_t lo, int64_t hi) {
+          CBF_ENCODER_KERNEL(magnitude, zp + 2 * lo, op + lo, hi - lo);
         });
       },
       py::arg("z"), py::arg("out"), py::arg("n"), py::arg("threads") = 1,
