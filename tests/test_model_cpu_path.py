@@ -268,9 +268,10 @@ def test_outputs_never_alias_reused_buffers_and_threads_do_not_share_them():
         assert (g - w).abs().max().item() <= OUT_ATOL, f"thread {i}: outputs mixed up"
 
 
-def test_native_stem_serves_inference_only(force):
-    """The patch embedding's native conv stem: chosen by measurement in auto, never where a gradient is wanted
-    (training, fine-tuning the embedding with frozen layers) or for low-precision input."""
+def test_native_embedding_serves_inference_only(force):
+    """The patch embedding's native kernels (conv stack, magnitude, positional conv): chosen by measurement in
+    auto, never where a gradient is wanted (training, fine-tuning the embedding with frozen layers) or for
+    low-precision input."""
     force("auto")
     fast, ref = _pair()
     x = torch.randn(2, 4, 3, 200, generator=torch.Generator().manual_seed(2))
@@ -283,7 +284,7 @@ def test_native_stem_serves_inference_only(force):
     force("cpp")
     fast.patch_embedding.last_embed = None
     fast(x).sum().backward()
-    assert fast.patch_embedding.last_embed is None, "a gradient-wanting call went through the native stem"
+    assert fast.patch_embedding.last_embed is None, "a gradient-wanting call went through the native embedding"
     assert fast.patch_embedding.proj_in[0].weight.grad is not None
     with torch.no_grad():
         fast(x)
